@@ -1,0 +1,1 @@
+"""ATSS object detection in JAX: adaptive training sample selection, fixed shapes, data parallel."""

@@ -1,0 +1,63 @@
+"""Assigners: which anchors are positive for which ground-truth box.
+
+All share one signature for one image, ``(anchor_valid [A], gt_boxes [G, 4], gt_valid [G]) ->
+AssignResult`` once bound to an anchor grid by :func:`build_assigner`, and are batched with
+``jax.vmap``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import ml_collections
+
+from atss_jax.anchors import AnchorGrid
+from atss_jax.assigners.atss import atss_assign
+from atss_jax.assigners.fcos import fcos_assign
+from atss_jax.assigners.max_iou import max_iou_assign
+from atss_jax.assigners.result import IGNORED, NEGATIVE, AssignResult
+
+__all__ = ["ASSIGNERS", "IGNORED", "NEGATIVE", "AssignFn", "AssignResult", "build_assigner"]
+
+AssignFn = Callable[[jax.Array, jax.Array, jax.Array], AssignResult]
+ASSIGNERS = ("atss", "max_iou", "fcos", "fcos_center_sampling")
+
+
+def build_assigner(config: ml_collections.ConfigDict, grid: AnchorGrid) -> AssignFn:
+    """Binds the assigner named by ``config.name`` to the anchors of ``grid``.
+
+    Args:
+      config: the ``assigner`` section of the experiment config (see ``configs/base.py``).
+      grid: the anchors of the canvas.
+
+    Returns:
+      ``assign(anchor_valid [A], gt_boxes [G, 4], gt_valid [G]) -> AssignResult`` for one image.
+    """
+    if config.name == "atss":
+        assign = functools.partial(
+            atss_assign,
+            level_sizes=grid.level_sizes,
+            topk=config.topk,
+            anchors_per_location=grid.anchors_per_location,
+            center_eps=config.center_eps,
+        )
+    elif config.name == "max_iou":
+        assign = functools.partial(
+            max_iou_assign,
+            pos_iou_thr=config.pos_iou_thr,
+            neg_iou_thr=config.neg_iou_thr,
+            low_quality_matches=config.low_quality_matches,
+        )
+    elif config.name in ("fcos", "fcos_center_sampling"):
+        assign = functools.partial(
+            fcos_assign,
+            level_sizes=grid.level_sizes,
+            level_strides=grid.strides,
+            regress_ranges=tuple(tuple(r) for r in config.regress_ranges),
+            center_sampling_radius=(config.center_sampling_radius if config.name == "fcos_center_sampling" else None),
+        )
+    else:
+        raise ValueError(f"config.assigner.name={config.name!r} is not one of {ASSIGNERS}")
+    return functools.partial(assign, grid.boxes)

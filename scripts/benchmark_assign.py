@@ -1,0 +1,230 @@
+r"""Benchmark: the jitted, batched ATSS assigner against the per-image designs of PyTorch codebases.
+
+Same inputs for every implementation (a batch of images filling the canvas, COCO-like boxes), run
+interleaved in one process, medians and ratios printed:
+
+  * jax batched      - ``atss_assign`` vmapped over the batch and jitted (what the train step runs);
+  * numpy per image  - one image at a time, vectorised over its boxes with full [A, G] distance and
+                       IoU matrices and a top-k per level (the official ATSS code's and
+                       mmdetection's ATSSAssigner design), written here in numpy;
+  * numpy per box    - one image and one box at a time (the loop reference of the tests).
+
+Usage (from the repository root):
+  python -m scripts.benchmark_assign --config=configs/base.py --batch=16 --num_boxes=100
+  python -m scripts.benchmark_assign --config=configs/base.py --config.assigner.topk=7 --nine_anchors
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from atss_jax.anchors import AnchorGrid, anchor_valid_mask, make_anchor_grid
+from atss_jax.assigners.atss import atss_assign
+from tests.reference_assigners import atss_reference
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Experiment config.")
+_BATCH = flags.DEFINE_integer("batch", 16, "Images per batch.")
+_NUM_BOXES = flags.DEFINE_integer("num_boxes", 100, "Valid boxes per image (= max_boxes here).")
+_CANVAS = flags.DEFINE_list("canvas", None, "height,width; default: config.data.canvas.")
+_NINE = flags.DEFINE_bool("nine_anchors", False, "9 anchors per location (3 scales x 3 ratios).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions of each implementation.")
+_LOOP_IMAGES = flags.DEFINE_integer(
+    "loop_images", 2, "Images timed for the per-box loop (scaled to the batch); 0 skips it."
+)
+_JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+
+
+def coco_like_boxes(rng: np.random.Generator, batch: int, num_boxes: int, canvas: tuple[int, int]) -> np.ndarray:
+    """``[B, G, 4]`` float32 boxes inside the canvas, sides log-uniform from 4 px to the canvas."""
+    height, width = canvas
+    size = np.exp(rng.uniform(np.log(4.0), np.log(min(canvas)), (batch, num_boxes)))
+    ratio = np.exp(rng.uniform(np.log(1 / 3), np.log(3), (batch, num_boxes)))
+    wh = np.stack([size / np.sqrt(ratio), size * np.sqrt(ratio)], axis=-1)
+    wh = np.minimum(wh, [width, height])
+    corner = rng.uniform(0, 1, (batch, num_boxes, 2)) * ([width, height] - wh)
+    return np.concatenate([corner, corner + wh], axis=-1).astype(np.float32)
+
+
+def atss_per_image_numpy(grid: AnchorGrid, anchor_valid: np.ndarray, gt_boxes: np.ndarray, topk: int) -> np.ndarray:
+    """One image, vectorised over its boxes: the design of the official ATSS code and mmdetection.
+
+    ``anchor_valid [A] bool, gt_boxes [G, 4] float32 -> gt_index [A] int``.
+    """
+    anchors, centers = grid.boxes, grid.centers
+    # [G, A] layout so that the per-level top-k runs along contiguous rows.
+    gt_centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    inter_w = np.minimum(gt_boxes[:, 2:3], anchors[:, 2]) - np.maximum(gt_boxes[:, 0:1], anchors[:, 0])
+    inter_h = np.minimum(gt_boxes[:, 3:4], anchors[:, 3]) - np.maximum(gt_boxes[:, 1:2], anchors[:, 1])
+    inter = np.clip(inter_w, 0, None) * np.clip(inter_h, 0, None)
+    area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    area_g = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
+    ious = inter / (area_a[None, :] + area_g[:, None] - inter)  # [G, A]
+    dx = gt_centers[:, 0:1] - centers[:, 0]
+    dy = gt_centers[:, 1:2] - centers[:, 1]
+    distances = np.sqrt(dx * dx + dy * dy)  # [G, A]
+    distances[:, ~anchor_valid] = np.inf
+    candidates, start = [], 0
+    for size in grid.level_sizes:
+        k = min(topk * grid.anchors_per_location, size)
+        part = np.argpartition(distances[:, start : start + size], k - 1, axis=1)[:, :k]
+        candidates.append(part + start)
+        start += size
+    candidates = np.concatenate(candidates, axis=1)  # [G, K]
+    box_ids = np.arange(len(gt_boxes))[:, None]
+    candidate_ious = ious[box_ids, candidates]
+    threshold = candidate_ious.mean(1, keepdims=True) + candidate_ious.std(1, ddof=1, keepdims=True)
+    cx, cy = centers[candidates, 0], centers[candidates, 1]
+    margin = np.minimum.reduce(
+        [cx - gt_boxes[:, 0:1], cy - gt_boxes[:, 1:2], gt_boxes[:, 2:3] - cx, gt_boxes[:, 3:4] - cy]
+    )
+    positive = (candidate_ious >= threshold) & (margin > 0.01) & anchor_valid[candidates]
+    claimed = np.full(ious.shape, -np.inf, np.float32)
+    claimed[np.broadcast_to(box_ids, positive.shape)[positive], candidates[positive]] = candidate_ious[positive]
+    return np.where(claimed.max(0) > -np.inf, claimed.argmax(0), -1)
+
+
+def _time(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def _numpy_peak_bytes(fn: Callable[[], object]) -> int:
+    tracemalloc.start()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
+    canvas = tuple(int(v) for v in _CANVAS.value) if _CANVAS.value else tuple(config.data.canvas)
+    anchor_config = config.anchors
+    scales, ratios = tuple(anchor_config.scales), tuple(anchor_config.aspect_ratios)
+    if _NINE.value:
+        scales, ratios = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)), (0.5, 1.0, 2.0)
+    grid = make_anchor_grid(canvas, anchor_config.strides, anchor_config.octave_base_scale, scales, ratios)
+    batch, num_boxes, topk = _BATCH.value, _NUM_BOXES.value, config.assigner.topk
+    gt_boxes = coco_like_boxes(np.random.default_rng(0), batch, num_boxes, canvas)
+    gt_valid = np.ones((batch, num_boxes), bool)
+    image_size = np.tile(np.asarray(canvas, np.int32), (batch, 1))
+    anchor_valid = np.asarray(anchor_valid_mask(grid.centers, image_size))
+
+    assign = jax.jit(
+        jax.vmap(
+            functools.partial(
+                atss_assign,
+                jnp.asarray(grid.boxes),
+                level_sizes=grid.level_sizes,
+                topk=topk,
+                anchors_per_location=grid.anchors_per_location,
+            )
+        )
+    )
+    device_args = jax.device_put((anchor_valid, gt_boxes, gt_valid))
+    compile_start = time.perf_counter()
+    compiled = assign.lower(*device_args).compile()
+    compile_s = time.perf_counter() - compile_start
+    memory = compiled.memory_analysis()
+    jax_bytes = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+
+    def run_jax():
+        return compiled(*device_args).gt_index
+
+    def run_per_image():
+        return np.stack([atss_per_image_numpy(grid, anchor_valid[i], gt_boxes[i], topk) for i in range(batch)])
+
+    loop_images = min(_LOOP_IMAGES.value, batch)
+
+    def run_per_box():
+        return [
+            atss_reference(
+                grid.boxes,
+                anchor_valid[i],
+                gt_boxes[i],
+                gt_valid[i],
+                grid.level_sizes,
+                topk,
+                grid.anchors_per_location,
+                0.01,
+            )[0]
+            for i in range(loop_images)
+        ]
+
+    # Same answer from all three before anything is timed.
+    jax_index = np.asarray(run_jax())
+    np.testing.assert_array_equal(run_per_image(), jax_index)
+    if loop_images:
+        np.testing.assert_array_equal(np.stack(run_per_box()), jax_index[:loop_images])
+
+    times: dict[str, list[float]] = {"jax batched": [], "numpy per image": [], "numpy per box": []}
+    for _ in range(_REPEATS.value):  # interleaved, so drifts in machine load hit all alike
+        times["jax batched"].append(_time(run_jax))
+        times["numpy per image"].append(_time(run_per_image))
+        if loop_images:
+            times["numpy per box"].append(_time(run_per_box) * batch / loop_images)
+    peaks = {
+        "jax batched": jax_bytes,
+        "numpy per image": _numpy_peak_bytes(lambda: atss_per_image_numpy(grid, anchor_valid[0], gt_boxes[0], topk)),
+        "numpy per box": _numpy_peak_bytes(
+            lambda: atss_reference(
+                grid.boxes,
+                anchor_valid[0],
+                gt_boxes[0],
+                gt_valid[0],
+                grid.level_sizes,
+                topk,
+                grid.anchors_per_location,
+                0.01,
+            )
+        ),
+    }
+
+    jax_median = statistics.median(times["jax batched"])
+    rows = []
+    print(
+        f"\nATSS assignment: batch {batch}, canvas {canvas[0]}x{canvas[1]}, {grid.num_anchors} anchors "
+        f"({grid.anchors_per_location}/location), {num_boxes} boxes/image, k={topk}, "
+        f"{jax.devices()[0].device_kind}, {_REPEATS.value} interleaved repeats; compile {compile_s:.2f} s"
+    )
+    print(f"{'implementation':<18} {'median ms/batch':>16} {'vs jax':>8} {'peak MiB':>10}")
+    for name, samples in times.items():
+        if not samples:
+            continue
+        median = statistics.median(samples)
+        rows.append(dict(name=name, median_s=median, ratio=median / jax_median, peak_bytes=peaks[name]))
+        print(f"{name:<18} {median * 1e3:>16.1f} {median / jax_median:>7.1f}x {peaks[name] / 2**20:>10.1f}")
+    if loop_images and loop_images < batch:
+        print(f"(per box: {loop_images} images timed, scaled to {batch}; peaks: jax whole batch, numpy one image)")
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(
+                dict(
+                    batch=batch,
+                    canvas=canvas,
+                    anchors=grid.num_anchors,
+                    boxes=num_boxes,
+                    topk=topk,
+                    compile_s=compile_s,
+                    rows=rows,
+                ),
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    app.run(main)
