@@ -66,8 +66,8 @@ def stack(cases: list[Case]) -> Case:
     return Case(*(np.stack(field) for field in zip(*cases)))
 
 
-def run_batched(assign, grid, batch: Case):
-    """Runs a per-image ``assign(anchor_valid, gt_boxes, gt_valid)`` jitted and vmapped over a batch.
+def run_batched(assign, grid, batch: Case, per_image: bool = True):
+    """Runs ``assign(anchor_valid, gt_boxes, gt_valid)`` jitted over a batch (vmapped if per image).
 
     Returns the numpy anchor-valid mask ``[B, A]`` and the numpy ``AssignResult``.
     """
@@ -76,5 +76,5 @@ def run_batched(assign, grid, batch: Case):
     from atss_jax.anchors import anchor_valid_mask
 
     anchor_valid = anchor_valid_mask(grid.centers, batch.image_size)
-    result = jax.jit(jax.vmap(assign))(anchor_valid, batch.gt_boxes, batch.gt_valid)
+    result = jax.jit(jax.vmap(assign) if per_image else assign)(anchor_valid, batch.gt_boxes, batch.gt_valid)
     return np.asarray(anchor_valid), jax.tree.map(np.asarray, result)

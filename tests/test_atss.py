@@ -192,7 +192,9 @@ def test_build_assigner_from_config_and_override():
     batch_cases = cases.random_cases(7, 6, config.data.canvas, config.data.max_boxes)
     with config.unlocked():
         config.assigner.topk = 5
-    anchor_valid, result = cases.run_batched(build_assigner(config.assigner, grid), grid, cases.stack(batch_cases))
+    anchor_valid, result = cases.run_batched(
+        build_assigner(config.assigner, grid), grid, cases.stack(batch_cases), per_image=False
+    )
     for i, case in enumerate(batch_cases):
         expected, _, _ = atss_reference(
             grid.boxes, anchor_valid[i], case.gt_boxes, case.gt_valid, grid.level_sizes, 5, 1, 0.01

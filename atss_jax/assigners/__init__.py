@@ -1,8 +1,9 @@
 """Assigners: which anchors are positive for which ground-truth box.
 
-All share one signature for one image, ``(anchor_valid [A], gt_boxes [G, 4], gt_valid [G]) ->
-AssignResult`` once bound to an anchor grid by :func:`build_assigner`, and are batched with
-``jax.vmap``.
+Each assigner is a pure function of one image (``atss_assign``, ``max_iou_assign``, ``fcos_assign``)
+except the grid-aware ATSS, which takes the batch so that its rare exact fallback is one
+``lax.cond``. :func:`build_assigner` binds the configured one to an anchor grid with one batched
+signature, ``(anchor_valid [B, A], gt_boxes [B, G, 4], gt_valid [B, G]) -> AssignResult [B, ...]``.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import ml_collections
 
 from atss_jax.anchors import AnchorGrid
 from atss_jax.assigners.atss import atss_assign
+from atss_jax.assigners.atss_grid import atss_assign_grid
 from atss_jax.assigners.fcos import fcos_assign
 from atss_jax.assigners.max_iou import max_iou_assign
 from atss_jax.assigners.result import IGNORED, NEGATIVE, AssignResult
 
-__all__ = ["ASSIGNERS", "IGNORED", "NEGATIVE", "AssignFn", "AssignResult", "build_assigner"]
+__all__ = ["ASSIGNERS", "ATSS_IMPLEMENTATIONS", "IGNORED", "NEGATIVE", "AssignFn", "AssignResult", "build_assigner"]
 
 AssignFn = Callable[[jax.Array, jax.Array, jax.Array], AssignResult]
 ASSIGNERS = ("atss", "max_iou", "fcos", "fcos_center_sampling")
+ATSS_IMPLEMENTATIONS = ("grid", "full_matrix")
 
 
 def build_assigner(config: ml_collections.ConfigDict, grid: AnchorGrid) -> AssignFn:
@@ -33,8 +36,15 @@ def build_assigner(config: ml_collections.ConfigDict, grid: AnchorGrid) -> Assig
       grid: the anchors of the canvas.
 
     Returns:
-      ``assign(anchor_valid [A], gt_boxes [G, 4], gt_valid [G]) -> AssignResult`` for one image.
+      ``assign(anchor_valid [B, A], gt_boxes [B, G, 4], gt_valid [B, G]) -> AssignResult`` with a
+      leading batch axis on every field.
     """
+    if config.name == "atss" and config.atss_implementation not in ATSS_IMPLEMENTATIONS:
+        raise ValueError(
+            f"config.assigner.atss_implementation={config.atss_implementation!r} is not one of {ATSS_IMPLEMENTATIONS}"
+        )
+    if config.name == "atss" and config.atss_implementation == "grid":
+        return functools.partial(atss_assign_grid, grid, topk=config.topk, center_eps=config.center_eps)
     if config.name == "atss":
         assign = functools.partial(
             atss_assign,
@@ -60,4 +70,4 @@ def build_assigner(config: ml_collections.ConfigDict, grid: AnchorGrid) -> Assig
         )
     else:
         raise ValueError(f"config.assigner.name={config.name!r} is not one of {ASSIGNERS}")
-    return functools.partial(assign, grid.boxes)
+    return jax.vmap(functools.partial(assign, grid.boxes))

@@ -139,25 +139,48 @@ def atss_assign(
             num_positives=jnp.zeros((0,), jnp.int32),
             iou_threshold=jnp.zeros((0,), jnp.float32),
         )
-    anchor_centers = box_lib.box_centers(anchors)
     candidate_index = _level_candidates(
-        anchor_centers,
+        box_lib.box_centers(anchors),
         anchor_valid,
         box_lib.box_centers(gt_boxes),
         level_sizes,
         topk * anchors_per_location,
     )
+    return assign_candidates(anchors, anchor_valid, gt_boxes, gt_valid, candidate_index, center_eps)
+
+
+def assign_candidates(
+    anchors: jax.Array,
+    anchor_valid: jax.Array,
+    gt_boxes: jax.Array,
+    gt_valid: jax.Array,
+    candidate_index: jax.Array,
+    center_eps: float,
+    candidate_mask: jax.Array | None = None,
+) -> AssignResult:
+    """ATSS steps 2-4 for one image, given each box's candidate anchors (step 1).
+
+    Args:
+      anchors: ``[A, 4]``; anchor_valid: ``[A]``; gt_boxes: ``[G, 4]``; gt_valid: ``[G]``.
+      candidate_index: ``[G, K]`` int32 candidate anchors of each box, distinct within a row where
+        valid; invalid anchors among them (a level with fewer valid anchors than k) are masked here.
+      center_eps: how far inside the box (pixels) a positive's centre must be.
+      candidate_mask: optional ``[G, K]`` bool; False marks padding slots of ``candidate_index``.
+    """
     candidate_valid = anchor_valid[candidate_index] & gt_valid[:, None]
-    candidate_iou = box_lib.elementwise_iou(anchors[candidate_index], gt_boxes[:, None, :])
+    if candidate_mask is not None:
+        candidate_valid &= candidate_mask
+    candidate_boxes = anchors[candidate_index]
+    candidate_iou = box_lib.elementwise_iou(candidate_boxes, gt_boxes[:, None, :])
     threshold = jnp.where(gt_valid, adaptive_threshold(candidate_iou, candidate_valid), 0.0)
     positive = (
         candidate_valid
         & (candidate_iou >= threshold[:, None])
-        & centers_inside(anchor_centers[candidate_index], gt_boxes[:, None, :], center_eps)
+        & centers_inside(box_lib.box_centers(candidate_boxes), gt_boxes[:, None, :], center_eps)
     )
-    gt_index = resolve_conflicts(candidate_index, positive, candidate_iou, num_anchors)
+    gt_index = resolve_conflicts(candidate_index, positive, candidate_iou, anchors.shape[0])
     return AssignResult(
         gt_index=gt_index,
-        num_positives=positives_per_box(gt_index, num_boxes),
+        num_positives=positives_per_box(gt_index, gt_boxes.shape[0]),
         iou_threshold=threshold.astype(jnp.float32),
     )

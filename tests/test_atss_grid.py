@@ -1,0 +1,124 @@
+"""The grid-aware ATSS assigner equals the full-matrix reference exactly, on its fast path."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from atss_jax.anchors import anchor_valid_mask, make_anchor_grid
+from atss_jax.assigners import atss_grid
+from atss_jax.assigners.atss import atss_assign
+from tests import cases
+
+NINE_ANCHORS = dict(scales=(1.0, 2 ** (1 / 3), 2 ** (2 / 3)), aspect_ratios=(0.5, 1.0, 2.0))
+
+
+def _compare(grid, batch: cases.Case, topk: int, anchor_valid=None):
+    """Runs both assigners; asserts identical outputs. Returns the per-image fast-path flags."""
+    if anchor_valid is None:
+        anchor_valid = anchor_valid_mask(grid.centers, batch.image_size)
+    reference = jax.jit(
+        jax.vmap(
+            functools.partial(
+                atss_assign,
+                grid.boxes,
+                level_sizes=grid.level_sizes,
+                topk=topk,
+                anchors_per_location=grid.anchors_per_location,
+            )
+        )
+    )(anchor_valid, batch.gt_boxes, batch.gt_valid)
+    result = jax.jit(functools.partial(atss_grid.atss_assign_grid, grid, topk=topk))(
+        anchor_valid, batch.gt_boxes, batch.gt_valid
+    )
+    for field in reference._fields:  # bit-identical, thresholds included
+        np.testing.assert_array_equal(getattr(result, field), getattr(reference, field), err_msg=field)
+    _, exact = jax.jit(jax.vmap(lambda v, b, g: atss_grid._assign_image(grid, v, b, g, topk, 0.01)))(
+        anchor_valid, batch.gt_boxes, batch.gt_valid
+    )
+    return np.asarray(exact), np.asarray(reference.gt_index)
+
+
+@pytest.mark.parametrize(
+    "anchor_kwargs, topk, count",
+    [({}, k, 280) for k in (1, 2, 3, 5, 9, 13, 25)] + [(NINE_ANCHORS, k, 140) for k in (1, 4, 9, 16)],
+)
+def test_equals_reference_on_random_cases(anchor_kwargs, topk, count):
+    # The #A = 1 grid is also the anchor-free (points) grid: one square of side 8 * stride per point.
+    canvas = (96, 128)
+    grid = make_anchor_grid(canvas, **anchor_kwargs)
+    exact, gt_index = _compare(grid, cases.stack(cases.random_cases(100 + topk, count, canvas, 8)), topk)
+    assert exact.all(), "the window should be provably exact on ordinary inputs (no fallback)"
+    assert (gt_index >= 0).sum() > count
+
+
+@pytest.mark.parametrize("anchor_kwargs", [{}, NINE_ANCHORS])
+def test_equals_reference_at_coco_size(anchor_kwargs):
+    canvas = (800, 1344)
+    grid = make_anchor_grid(canvas, **anchor_kwargs)
+    batch = cases.stack(cases.random_cases(7, 8, canvas, 100))
+    exact, _ = _compare(grid, batch, 9)
+    assert exact.all()
+
+
+def test_boxes_at_corners_and_beyond_small_images():
+    canvas = (96, 128)
+    grid = make_anchor_grid(canvas)
+    corners = []
+    for x, y in [(0, 0), (128, 0), (0, 96), (128, 96), (-40, -40), (170, 130), (60, -30), (-25, 50)]:
+        for size in (4.0, 20.0, 90.0):
+            corners.append([x - size / 2, y - size / 2, x + size / 2, y + size / 2])
+    boxes = np.asarray(corners, np.float32)
+    image_sizes = [(96, 128), (40, 30), (9, 17), (1, 1), (96, 8)]
+    batch = cases.Case(
+        gt_boxes=np.repeat(boxes[None], len(image_sizes), 0),
+        gt_valid=np.ones((len(image_sizes), len(boxes)), bool),
+        image_size=np.asarray(image_sizes, np.int32),
+    )
+    for topk in (1, 9, 25):
+        exact, _ = _compare(grid, batch, topk)
+        assert exact.all()
+
+
+@pytest.mark.parametrize("topk", [1, 4, 9, 25])
+def test_integer_boxes_with_exact_distance_ties(topk):
+    canvas = (96, 128)
+    grid = make_anchor_grid(canvas, **NINE_ANCHORS)
+    rng = np.random.default_rng(3)
+    # Centres on cell corners and edges: four or two anchors at exactly the same distance.
+    centers = rng.integers(0, 16, (12, 8, 2)) * 8.0 + rng.choice([0.0, 4.0], (12, 8, 2))
+    half = rng.integers(1, 40, (12, 8, 2)).astype(np.float32)
+    batch = cases.Case(
+        gt_boxes=np.concatenate([centers - half, centers + half], -1).astype(np.float32),
+        gt_valid=rng.random((12, 8)) < 0.9,
+        image_size=np.asarray([cases.random_image_size(rng, canvas) for _ in range(12)], np.int32),
+    )
+    exact, _ = _compare(grid, batch, topk)
+    assert exact.all()
+
+
+def test_falls_back_to_the_reference_when_the_window_cannot_be_proven():
+    canvas = (96, 128)
+    grid = make_anchor_grid(canvas)
+    far = np.asarray([[[1e6, 40.0, 1e6 + 10, 50.0], [10.0, 10.0, 50.0, 50.0]]], np.float32)
+    batch = cases.Case(far, np.ones((1, 2), bool), np.asarray([[96, 128]], np.int32))
+    exact, _ = _compare(grid, batch, 9)
+    assert not exact.any()  # float32 distances collapse 1e6 px away: the reference answers
+
+    # A valid mask that is not a top-left rectangle breaks the window's premise: reference again.
+    holes = np.asarray(anchor_valid_mask(grid.centers, batch.image_size)).copy()
+    holes[0, ::7] = False
+    normal = cases.Case(far[:, 1:], np.ones((1, 1), bool), batch.image_size)
+    exact, _ = _compare(grid, normal, 9, anchor_valid=jnp.asarray(holes))
+    assert not exact.any()
+
+
+def test_zero_boxes_and_bad_k():
+    grid = make_anchor_grid((64, 64))
+    valid = jnp.ones((2, grid.num_anchors), bool)
+    empty = atss_grid.atss_assign_grid(grid, valid, jnp.zeros((2, 0, 4)), jnp.zeros((2, 0), bool))
+    assert empty.gt_index.shape == (2, grid.num_anchors) and (np.asarray(empty.gt_index) == -1).all()
+    with pytest.raises(ValueError, match="topk"):
+        atss_grid.atss_assign_grid(grid, valid, jnp.zeros((2, 1, 4)), jnp.ones((2, 1), bool), topk=0)
