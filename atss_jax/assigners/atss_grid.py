@@ -39,7 +39,7 @@ each side puts real ties and near-ties inside the window, so this holds except w
 distances collapse (a box centre tens of thousands of pixels from the anchors). The function checks
 it for every valid box and level, and checks that the valid mask is a top-left rectangle; if a check
 fails anywhere in the batch it returns the reference assigner's result instead (``lax.cond``: the
-reference is computed only then). The answer is the reference's in every case.
+reference is computed only then, one image at a time). The answer is the reference's in every case.
 """
 
 from __future__ import annotations
@@ -202,17 +202,17 @@ def atss_assign_grid(
     )
 
     def reference(args):
-        return jax.vmap(
-            lambda v, b, g: atss_assign(
+        # One image at a time: the fallback's buffers, reserved even when it does not run, stay small.
+        return jax.lax.map(
+            lambda image: atss_assign(
                 grid.boxes,
-                v,
-                b,
-                g,
+                *image,
                 level_sizes=grid.level_sizes,
                 topk=topk,
                 anchors_per_location=grid.anchors_per_location,
                 center_eps=center_eps,
-            )
-        )(*args)
+            ),
+            args,
+        )
 
     return jax.lax.cond(jnp.all(exact), lambda _: result, reference, (anchor_valid, gt_boxes, gt_valid))
