@@ -1,0 +1,152 @@
+"""ATSS losses: sigmoid focal loss, GIoU (or smooth-L1) box loss, centre-ness BCE.
+
+Normalisers are counted over the whole global batch: with ``axis_name`` the positive count and the
+centre-ness sum are averaged over that named device axis (``pmean``, as mmdetection's
+``reduce_mean``), so that averaging the per-device losses and gradients (``pmean``) gives exactly
+the loss of the global batch on one device, whatever the number of devices.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from atss_jax import boxes as box_lib
+
+REGRESSIONS = ("box", "point")
+BOX_LOSSES = ("giou", "smooth_l1")
+
+
+class LossTerms(NamedTuple):
+    """Scalar loss terms of one device's batch (already divided by the global normalisers)."""
+
+    classification: jax.Array
+    box: jax.Array
+    centerness: jax.Array
+    total: jax.Array
+    num_positives: jax.Array  # positives per device, averaged over the device axis
+
+
+def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
+    """Elementwise focal loss (Lin et al. 2017): ``logits, targets [...] -> [...]``, targets in {0, 1}."""
+    prob = jax.nn.sigmoid(logits)
+    cross_entropy = optax.losses.sigmoid_binary_cross_entropy(logits, targets)
+    p_t = prob * targets + (1.0 - prob) * (1.0 - targets)
+    alpha_t = alpha * targets + (1.0 - alpha) * (1.0 - targets)
+    return alpha_t * (1.0 - p_t) ** gamma * cross_entropy
+
+
+def centerness_targets(points: jax.Array, boxes: jax.Array) -> jax.Array:
+    """FCOS centre-ness of ``points [..., 2]`` in ``boxes [..., 4]``: ``[...]`` in [0, 1].
+
+    ``sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))``; 0 for points on or outside the border.
+    """
+    left_top = points - boxes[..., :2]
+    right_bottom = boxes[..., 2:] - points
+    low = jnp.maximum(jnp.minimum(left_top, right_bottom), 0.0)
+    high = jnp.maximum(jnp.maximum(left_top, right_bottom), 1e-6)
+    return jnp.sqrt(jnp.prod(low / high, axis=-1))
+
+
+def _smooth_l1(diff: jax.Array, beta: float) -> jax.Array:
+    absolute = jnp.abs(diff)
+    return jnp.where(absolute < beta, 0.5 * absolute**2 / beta, absolute - 0.5 * beta)
+
+
+def detection_losses(
+    class_logits: jax.Array,
+    box_regression: jax.Array,
+    centerness_logits: jax.Array,
+    *,
+    anchors: jax.Array,
+    anchor_strides: jax.Array,
+    anchor_valid: jax.Array,
+    gt_index: jax.Array,
+    gt_boxes: jax.Array,
+    gt_labels: jax.Array,
+    regression: str = "box",
+    box_loss: str = "giou",
+    box_loss_weight: float = 2.0,
+    use_centerness: bool = True,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+    smooth_l1_beta: float = 1.0 / 9.0,
+    axis_name: str | None = None,
+) -> LossTerms:
+    """ATSS losses of one device's batch, given the assignment.
+
+    Args:
+      class_logits: ``[B, A, C]``.
+      box_regression: ``[B, A, 4]``: deltas (``regression="box"``) or LTRB distances in strides
+        (``"point"``, already made non-negative by the head).
+      centerness_logits: ``[B, A]``.
+      anchors: ``[A, 4]`` xyxy pixels (for ``"point"``, their centres are the points).
+      anchor_strides: ``[A]`` stride of each anchor's level.
+      anchor_valid: ``[B, A]`` bool; invalid anchors contribute nothing.
+      gt_index: ``[B, A]`` int32 from the assigner: box index, -1 negative, -2 ignored.
+      gt_boxes: ``[B, G, 4]`` xyxy pixels; gt_labels: ``[B, G]`` int32 in 0..C-1.
+      regression: "box" or "point".
+      box_loss: "giou" (on decoded boxes) or "smooth_l1" (on deltas, ``"box"`` only).
+      box_loss_weight: multiplier of the box term (2.0 for GIoU in ATSS).
+      use_centerness: False drops the centre-ness branch and its weighting of the box loss.
+      focal_alpha, focal_gamma: focal loss parameters.
+      smooth_l1_beta: transition point of the smooth-L1 loss.
+      axis_name: named device axis for the global normalisers, or None on one device.
+
+    Returns:
+      ``LossTerms``. A batch with no positives gives finite losses and gradients.
+    """
+    if regression not in REGRESSIONS:
+        raise ValueError(f"regression={regression!r} is not one of {REGRESSIONS}")
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f"box_loss={box_loss!r} is not one of {BOX_LOSSES}")
+    if box_loss == "smooth_l1" and regression != "box":
+        raise ValueError("box_loss='smooth_l1' regresses deltas: it needs regression='box'")
+    num_classes = class_logits.shape[-1]
+    positive = (gt_index >= 0) & anchor_valid
+    counted = (gt_index != -2) & anchor_valid  # positives and negatives: the focal loss's anchors
+    matched = jnp.maximum(gt_index, 0)
+    matched_boxes = jnp.take_along_axis(gt_boxes, matched[..., None], axis=1)  # [B, A, 4]
+    matched_labels = jnp.take_along_axis(gt_labels, matched, axis=1)
+
+    def global_mean(value: jax.Array) -> jax.Array:
+        return jax.lax.pmean(value, axis_name) if axis_name is not None else value
+
+    num_positives = global_mean(jnp.sum(positive).astype(jnp.float32))
+    positive_normaliser = jnp.maximum(num_positives, 1.0)
+
+    targets = jax.nn.one_hot(matched_labels, num_classes) * positive[..., None]
+    focal = sigmoid_focal_loss(class_logits, targets, focal_alpha, focal_gamma)
+    classification = jnp.sum(jnp.where(counted[..., None], focal, 0.0)) / positive_normaliser
+
+    points = box_lib.box_centers(anchors)
+    center_target = jnp.where(positive, centerness_targets(points, matched_boxes), 0.0)
+    if box_loss == "giou":
+        if regression == "box":
+            predicted = box_lib.decode_deltas(anchors, box_regression)
+        else:
+            predicted = box_lib.decode_ltrb(points, box_regression, anchor_strides)
+        per_anchor = 1.0 - box_lib.elementwise_giou(predicted, matched_boxes)
+    else:
+        target_deltas = box_lib.encode_deltas(anchors, matched_boxes)
+        per_anchor = jnp.sum(_smooth_l1(box_regression - target_deltas, smooth_l1_beta), axis=-1)
+    per_anchor = jnp.where(positive, per_anchor, 0.0)
+    if use_centerness:
+        weight_normaliser = global_mean(jnp.sum(center_target))
+        box = jnp.sum(per_anchor * center_target) / jnp.maximum(weight_normaliser, 1e-6)
+        center_bce = optax.losses.sigmoid_binary_cross_entropy(centerness_logits, center_target)
+        centerness = jnp.sum(jnp.where(positive, center_bce, 0.0)) / positive_normaliser
+    else:
+        box = jnp.sum(per_anchor) / positive_normaliser
+        centerness = jnp.zeros((), class_logits.dtype)
+    box = box_loss_weight * box
+    return LossTerms(
+        classification=classification,
+        box=box,
+        centerness=centerness,
+        total=classification + box + centerness,
+        num_positives=num_positives,
+    )

@@ -1,0 +1,157 @@
+"""Fixed-shape inference post-processing: per-level top-k, decoding done by the caller, class-aware NMS.
+
+Everything here works on one image and is batched with ``jax.vmap``; every shape is static
+(``pre_nms_topk`` candidates per level, ``max_detections`` outputs), validity travels in masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from atss_jax import boxes as box_lib
+
+
+class Detections(NamedTuple):
+    """Detections of one image (a leading batch axis when vmapped), best first.
+
+    Attributes:
+      boxes: ``[M, 4]`` float32 xyxy in original-image pixels.
+      scores: ``[M]`` float32.
+      classes: ``[M]`` int32, 0..C-1.
+      valid: ``[M]`` bool; padding rows hold zeros.
+    """
+
+    boxes: jax.Array
+    scores: jax.Array
+    classes: jax.Array
+    valid: jax.Array
+
+
+def batched_nms(
+    boxes: jax.Array,
+    scores: jax.Array,
+    classes: jax.Array,
+    valid: jax.Array,
+    *,
+    iou_threshold: float,
+    max_detections: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Greedy class-aware non-maximum suppression with static shapes, for one image.
+
+    Boxes of different classes never suppress each other. Candidates are visited in decreasing score
+    (ties: lower index first); a candidate is kept unless a kept box of its class overlaps it with
+    IoU > ``iou_threshold``. Stops after ``max_detections`` keeps. Memory is O(N): each kept box
+    suppresses the rest through one IoU row, so no ``[N, N]`` matrix is built.
+
+    Args:
+      boxes: ``[N, 4]`` float32 xyxy.
+      scores: ``[N]`` float32.
+      classes: ``[N]`` int32.
+      valid: ``[N]`` bool; invalid candidates are never kept.
+      iou_threshold: overlap above which the lower-scored box is suppressed.
+      max_detections: M, the output size.
+
+    Returns:
+      ``keep_index [M]`` int32 indices into the inputs in decreasing score, and ``keep_valid [M]``.
+    """
+    num = boxes.shape[0]
+    order = jnp.argsort(jnp.where(valid, -scores, jnp.inf), stable=True)
+    sorted_boxes, sorted_classes, sorted_valid = boxes[order], classes[order], valid[order]
+
+    def visit(state):
+        position, count, suppressed, kept = state
+        keep = sorted_valid[position] & ~suppressed[position]
+        overlap = box_lib.elementwise_iou(sorted_boxes[position], sorted_boxes) > iou_threshold
+        same_class = sorted_classes == sorted_classes[position]
+        suppressed = suppressed | (keep & overlap & same_class)
+        kept = jnp.where(keep, kept.at[jnp.minimum(count, max_detections - 1)].set(position), kept)
+        return position + 1, count + keep.astype(jnp.int32), suppressed, kept
+
+    def unfinished(state):
+        position, count, _, _ = state
+        return (position < num) & (count < max_detections)
+
+    init = (jnp.int32(0), jnp.int32(0), jnp.zeros((num,), bool), jnp.zeros((max_detections,), jnp.int32))
+    _, count, _, kept = jax.lax.while_loop(unfinished, visit, init)
+    keep_valid = jnp.arange(max_detections) < count
+    return jnp.where(keep_valid, order[kept], 0).astype(jnp.int32), keep_valid
+
+
+def level_topk(scores: jax.Array, level_sizes: Sequence[int], k: int) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` best (anchor, class) candidates of each level, for one image.
+
+    Args:
+      scores: ``[A, C]`` float32 ranking scores, anchors level by level.
+      level_sizes: static anchors per level.
+      k: candidates per level (fewer where a level has fewer anchor-class pairs).
+
+    Returns:
+      ``anchor_index [K]`` and ``class_index [K]`` int32, ``K = sum_l min(k, A_l * C)``.
+    """
+    num_classes = scores.shape[1]
+    anchors, classes, start = [], [], 0
+    for size in level_sizes:
+        level = scores[start : start + size].reshape(-1)
+        _, flat = jax.lax.top_k(level, min(k, level.shape[0]))
+        anchors.append(start + flat // num_classes)
+        classes.append(flat % num_classes)
+        start += size
+    return jnp.concatenate(anchors).astype(jnp.int32), jnp.concatenate(classes).astype(jnp.int32)
+
+
+def select_detections(
+    class_probs: jax.Array,
+    centerness: jax.Array,
+    decoded_boxes: jax.Array,
+    anchor_valid: jax.Array,
+    image_size: jax.Array,
+    scale: jax.Array,
+    *,
+    level_sizes: Sequence[int],
+    score_threshold: float = 0.05,
+    pre_nms_topk: int = 1000,
+    iou_threshold: float = 0.6,
+    max_detections: int = 100,
+) -> Detections:
+    """ATSS inference for one image: threshold, per-level top-k, clip, class-aware NMS, rescale.
+
+    Args:
+      class_probs: ``[A, C]`` sigmoid class probabilities.
+      centerness: ``[A]`` sigmoid centre-ness.
+      decoded_boxes: ``[A, 4]`` predicted boxes, canvas pixels.
+      anchor_valid: ``[A]`` bool; anchors outside the image give no detections.
+      image_size: ``[2]`` (height, width) of the resized image inside the canvas.
+      scale: ``[]`` resized / original; boxes are divided by it.
+      level_sizes: static anchors per level.
+      score_threshold: minimum class probability (before centre-ness), as the official code.
+      pre_nms_topk: candidates per level, ranked by ``class_prob * centerness``.
+      iou_threshold: NMS threshold.
+      max_detections: detections kept per image.
+
+    Returns:
+      ``Detections`` in original-image pixels with score ``sqrt(class_prob * centerness)``.
+    """
+    ranking = class_probs * centerness[:, None]
+    passes = (class_probs > score_threshold) & anchor_valid[:, None]
+    anchor_index, class_index = level_topk(jnp.where(passes, ranking, -1.0), level_sizes, pre_nms_topk)
+    candidate_valid = passes[anchor_index, class_index]
+    candidate_scores = jnp.sqrt(ranking[anchor_index, class_index])
+    candidate_boxes = box_lib.clip_boxes(decoded_boxes[anchor_index], image_size)
+    keep, keep_valid = batched_nms(
+        candidate_boxes,
+        candidate_scores,
+        class_index,
+        candidate_valid,
+        iou_threshold=iou_threshold,
+        max_detections=max_detections,
+    )
+    return Detections(
+        boxes=jnp.where(keep_valid[:, None], candidate_boxes[keep] / scale, 0.0),
+        scores=jnp.where(keep_valid, candidate_scores[keep], 0.0),
+        classes=jnp.where(keep_valid, class_index[keep], 0),
+        valid=keep_valid,
+    )
