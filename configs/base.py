@@ -13,6 +13,27 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.canvas = (800, 1344)
     config.data.max_boxes = 100
 
+    config.model = ml_collections.ConfigDict()
+    config.model.num_classes = 80
+    # Computation dtype ("float32" or "bfloat16"); parameters stay float32.
+    config.model.dtype = "float32"
+    config.model.backbone = ml_collections.ConfigDict()
+    config.model.backbone.depth = 50
+    # "frozen_bn" (ImageNet-pretrained, the COCO default), "bn" (trainable) or "gn" (from scratch).
+    config.model.backbone.norm = "frozen_bn"
+    config.model.backbone.frozen_stages = 2  # stem and first stage
+    config.model.backbone.width = 64
+    config.model.fpn_features = 256
+    config.model.head = ml_collections.ConfigDict()
+    config.model.head.features = 256
+    config.model.head.num_convs = 4
+    # "box": deltas from anchors (anchor-based); "point": LTRB distances in strides (FCOS-style).
+    config.model.head.regression = "box"
+    # The paper's Table 1 switches.
+    config.model.head.use_group_norm = True
+    config.model.head.use_centerness = True
+    config.model.head.use_scales = True
+
     config.anchors = ml_collections.ConfigDict()
     config.anchors.strides = (8, 16, 32, 64, 128)
     config.anchors.octave_base_scale = 8.0

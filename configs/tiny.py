@@ -9,4 +9,12 @@ def get_config() -> ml_collections.ConfigDict:
     config = base.get_config()
     config.data.canvas = (128, 160)
     config.data.max_boxes = 8
+    config.model.num_classes = 3
+    config.model.backbone.depth = 18
+    config.model.backbone.norm = "gn"
+    config.model.backbone.frozen_stages = 0
+    config.model.backbone.width = 16
+    config.model.fpn_features = 32
+    config.model.head.features = 32
+    config.model.head.num_convs = 2
     return config

@@ -1,0 +1,1 @@
+"""The ATSS detector: ResNet backbone, FPN, shared head (Flax Linen)."""

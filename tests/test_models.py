@@ -1,0 +1,120 @@
+"""Detector architecture: parameter count by hand, shapes per level, the head's switches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from atss_jax.anchors import make_anchor_grid
+from atss_jax.models.detector import build_detector
+from atss_jax.models.fpn import FPN
+from atss_jax.models.resnet import STAGE_SIZES, ResNet, stage_channels
+from configs import base, tiny
+
+
+def _count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _expected_r50_atss_parameters(num_classes: int = 80) -> tuple[int, int]:
+    """Trainable parameters of ATSS R50-FPN (#A = 1), and the frozen BN affine, from the architecture.
+
+    Backbone: convolutions only (no biases; its BN is frozen). Bottleneck i of a stage with width w
+    has 1x1 (in -> w), 3x3 (w -> w), 1x1 (w -> 4w) and, first block only, a 1x1 shortcut (in -> 4w).
+    FPN: 1x1 laterals and 3x3 outputs with biases, P6 and P7 3x3 convs. Head: two towers of four
+    3x3 256-channel convs with biases and GroupNorm affine, the three output convs, five scales.
+    """
+    backbone = 7 * 7 * 3 * 64
+    bn_channels = 64
+    channels = 64
+    for stage, blocks in enumerate(STAGE_SIZES[50]):
+        width = 64 * 2**stage
+        for block in range(blocks):
+            backbone += channels * width + 9 * width * width + width * 4 * width
+            bn_channels += width + width + 4 * width
+            if block == 0:
+                backbone += channels * 4 * width
+                bn_channels += 4 * width
+            channels = 4 * width
+    conv3 = 9 * 256 * 256 + 256
+    fpn = sum(c * 256 + 256 for c in (512, 1024, 2048)) + 3 * conv3 + 2 * conv3
+    head = 8 * (conv3 + 2 * 256) + (9 * 256 * num_classes + num_classes) + (9 * 256 * 4 + 4) + (9 * 256 + 1) + 5
+    return backbone + fpn + head, 2 * bn_channels
+
+
+def test_atss_r50_parameter_count():
+    config = base.get_config()
+    model = build_detector(config.model, anchors_per_location=1)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 800, 1344, 3), jnp.uint8)))
+    trainable, frozen_affine = _expected_r50_atss_parameters()
+    assert trainable == 32_244_250  # + 53,120 frozen BN affine = 32,297,370: the paper's "32.3M"
+    assert _count(variables["params"]) == trainable
+    assert _count(variables["frozen"]) == 2 * frozen_affine  # scale, bias, mean, var
+
+
+@pytest.mark.parametrize("depth", sorted(STAGE_SIZES))
+def test_backbone_channels_and_strides(depth):
+    image = jax.ShapeDtypeStruct((1, 96, 160, 3), jnp.float32)
+    model = ResNet(depth=depth)
+    variables = jax.eval_shape(model.init, jax.random.key(0), image)
+    outputs = jax.eval_shape(model.apply, variables, image)
+    grid = make_anchor_grid((96, 160))
+    expected = [(1, *grid.level_shapes[i], c) for i, c in enumerate(stage_channels(depth))]
+    assert [tuple(o.shape) for o in outputs] == expected
+
+
+@pytest.mark.parametrize("canvas", [(96, 160), (100, 70)])
+def test_every_level_matches_the_anchor_grid(canvas):
+    config = tiny.get_config()
+    model = build_detector(config.model, anchors_per_location=1)
+    grid = make_anchor_grid(canvas)
+    image = jnp.zeros((2, *canvas, 3), jnp.uint8)
+    variables = model.init(jax.random.key(0), image)
+    features = jax.eval_shape(
+        lambda v: FPN(config.model.fpn_features).apply(
+            v, *model.backbone.apply({"params": variables["params"]["backbone"]}, image.astype(jnp.float32))
+        ),
+        {"params": variables["params"]["fpn"]},
+    )
+    assert [tuple(f.shape[1:3]) for f in features] == list(grid.level_shapes)
+    class_logits, box_regression, centerness = model.apply(variables, image)
+    assert class_logits.shape == (2, grid.num_anchors, config.model.num_classes)
+    assert box_regression.shape == (2, grid.num_anchors, 4) and centerness.shape == (2, grid.num_anchors)
+
+
+def test_initial_class_probability_is_the_prior():
+    config = tiny.get_config()
+    model = build_detector(config.model, anchors_per_location=1)
+    image = jnp.asarray(np.random.default_rng(0).integers(0, 255, (1, 64, 64, 3)), jnp.uint8)
+    variables = model.init(jax.random.key(0), image)
+    class_logits, _, _ = model.apply(variables, image)
+    np.testing.assert_allclose(jax.nn.sigmoid(class_logits).mean(), 0.01, rtol=0.2)
+
+
+def test_head_switches():
+    config = tiny.get_config()
+    with config.unlocked():
+        config.model.head.use_centerness = False
+        config.model.head.use_group_norm = False
+        config.model.head.use_scales = False
+        config.model.head.regression = "point"
+    model = build_detector(config.model, anchors_per_location=1)
+    image = jnp.asarray(np.random.default_rng(1).integers(0, 255, (1, 64, 64, 3)), jnp.uint8)
+    variables = model.init(jax.random.key(0), image)
+    head = variables["params"]["head"]
+    assert "centerness" not in head and not any("norm" in k or "scale" in k for k in head)
+    _, box_regression, centerness = model.apply(variables, image)
+    assert (np.asarray(box_regression) >= 0).all() and (np.asarray(centerness) == 0).all()
+    config.model.head.regression = "corners"
+    with pytest.raises(ValueError, match="corners"):
+        build_detector(config.model, 1).init(jax.random.key(0), image)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
+    config = tiny.get_config()
+    config.model.dtype = "bfloat16"
+    model = build_detector(config.model, anchors_per_location=1)
+    image = jnp.zeros((1, 64, 64, 3), jnp.uint8)
+    variables = model.init(jax.random.key(0), image)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables["params"]))
+    assert all(o.dtype == jnp.float32 for o in model.apply(variables, image))
