@@ -148,3 +148,18 @@ def decode_ltrb(points: jax.Array, distances: jax.Array, stride: jax.Array | flo
     stride = jnp.asarray(stride, distances.dtype)[..., None]
     pixels = distances * stride
     return jnp.concatenate([points - pixels[..., :2], points + pixels[..., 2:]], axis=-1)
+
+
+def decode_regression(
+    regression_type: str, anchors: jax.Array, anchor_strides: jax.Array, box_regression: jax.Array
+) -> jax.Array:
+    """Boxes from the head's regression output: ``[..., A, 4] -> [..., A, 4]`` xyxy pixels.
+
+    ``regression_type`` "box": deltas from ``anchors [A, 4]``; "point": LTRB distances in strides
+    from the anchors' centres, ``anchor_strides [A]`` the level strides.
+    """
+    if regression_type == "box":
+        return decode_deltas(anchors, box_regression)
+    if regression_type == "point":
+        return decode_ltrb(box_centers(anchors), box_regression, anchor_strides)
+    raise ValueError(f"regression type {regression_type!r} is not 'box' or 'point'")

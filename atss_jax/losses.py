@@ -125,10 +125,7 @@ def detection_losses(
     points = box_lib.box_centers(anchors)
     center_target = jnp.where(positive, centerness_targets(points, matched_boxes), 0.0)
     if box_loss == "giou":
-        if regression == "box":
-            predicted = box_lib.decode_deltas(anchors, box_regression)
-        else:
-            predicted = box_lib.decode_ltrb(points, box_regression, anchor_strides)
+        predicted = box_lib.decode_regression(regression, anchors, anchor_strides, box_regression)
         per_anchor = 1.0 - box_lib.elementwise_giou(predicted, matched_boxes)
     else:
         target_deltas = box_lib.encode_deltas(anchors, matched_boxes)
