@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.backbone.norm = "frozen_bn"
     config.model.backbone.frozen_stages = 2  # stem and first stage
     config.model.backbone.width = 64
+    # A torchvision ResNet state_dict (.npz from scripts/convert_torchvision.py, or .pth); "" = none.
+    config.model.backbone.pretrained = ""
     config.model.fpn_features = 256
     config.model.head = ml_collections.ConfigDict()
     config.model.head.features = 256

@@ -10,6 +10,7 @@ import ml_collections
 from atss_jax.models.fpn import FPN
 from atss_jax.models.head import ATSSHead
 from atss_jax.models.resnet import ResNet
+from atss_jax.models.torchvision_import import load_pretrained_backbone
 
 # torchvision's ImageNet statistics, RGB, 0-255 scale.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -54,3 +55,13 @@ def build_detector(config: ml_collections.ConfigDict, anchors_per_location: int)
         dtype=dtype,
     )
     return ATSSDetector(backbone=backbone, fpn=FPN(config.fpn_features, dtype), head=head)
+
+
+def init_detector(
+    model: ATSSDetector, config: ml_collections.ConfigDict, rng: jax.Array, canvas: tuple[int, int]
+) -> dict:
+    """Initial variables; the backbone from ``config.backbone.pretrained`` (.npz or .pth) when set."""
+    variables = jax.jit(model.init)(rng, jnp.zeros((1, *canvas, 3), jnp.uint8))
+    if config.backbone.pretrained:
+        variables = load_pretrained_backbone(variables, config.backbone.pretrained, config.backbone.norm)
+    return variables

@@ -1,0 +1,137 @@
+"""ImageNet-pretrained ResNet weights from a torchvision ``state_dict`` (.pth, or an .npz of it).
+
+torchvision names ``conv1``, ``bn1``, ``layer{s}.{i}.conv{j}``, ``layer{s}.{i}.bn{j}``,
+``layer{s}.{i}.downsample.{0,1}`` map onto ``ResNet``'s ``conv1``, ``bn1``, ``layer{s}_{i}/...`` and
+``downsample_conv``/``downsample_bn``; convolution kernels go from OIHW to HWIO. The .npz form
+(``scripts/convert_torchvision.py``) needs no torch at run time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+_BLOCK = re.compile(r"^layer(\d)\.(\d+)\.(.+)$")
+_BN_FIELDS = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Reads a torchvision ``state_dict`` from ``.npz`` (no torch needed) or ``.pth``/``.pt``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"pretrained backbone file {path!r} does not exist")
+    if path.endswith(".npz"):
+        try:
+            with np.load(path) as archive:
+                return {key: archive[key] for key in archive.files}
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path!r} is not a readable .npz state_dict: {error}") from error
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"reading {path!r} needs torch; convert it once with scripts/convert_torchvision.py to .npz"
+        ) from error
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a truncated or foreign file
+        raise ValueError(f"{path!r} is not a readable torch state_dict: {error}") from error
+    state = state.get("state_dict", state)
+    return {key: value.detach().cpu().numpy() for key, value in state.items() if hasattr(value, "numpy")}
+
+
+def _module_path(torch_module: str) -> tuple[str, ...]:
+    """``layer2.0.downsample.1`` -> ``("layer2_0", "downsample_bn")``; ``bn1`` -> ``("bn1",)``."""
+    match = _BLOCK.match(torch_module)
+    if not match:
+        return (torch_module,)
+    stage, index, rest = match.groups()
+    rest = {"downsample.0": "downsample_conv", "downsample.1": "downsample_bn"}.get(rest, rest)
+    return (f"layer{stage}_{int(index)}", rest)
+
+
+def convert_resnet(
+    state_dict: Mapping[str, np.ndarray], backbone_variables: Mapping[str, Any], norm: str
+) -> dict[str, dict]:
+    """Torchvision ResNet weights -> the backbone's variable collections.
+
+    Args:
+      state_dict: torchvision names to arrays (``fc.*`` and ``num_batches_tracked`` are ignored).
+      backbone_variables: the backbone's freshly initialised variables, e.g. ``{"params":
+        variables["params"]["backbone"], "frozen": variables["frozen"]["backbone"]}``: their
+        structure and shapes are what every converted array must match.
+      norm: the backbone's norm, "frozen_bn" (statistics and affine into ``frozen``) or "bn"
+        (affine into ``params``, statistics into ``batch_stats``).
+
+    Returns:
+      The same collections filled with the pretrained values.
+
+    Raises:
+      ValueError: naming every missing, unexpected or mis-shaped array (e.g. a ResNet-101 file for a
+        ResNet-50 config).
+    """
+    if norm not in ("frozen_bn", "bn"):
+        raise ValueError(f"ImageNet weights exist for BatchNorm backbones, not for norm={norm!r}")
+    new = {collection: {} for collection in backbone_variables}
+    problems, filled = [], set()
+    for key, value in state_dict.items():
+        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+            continue
+        module, field = key.rsplit(".", 1)
+        path = _module_path(module)
+        if field == "weight" and value.ndim == 4:
+            collection, leaf, value = "params", "kernel", np.transpose(value, (2, 3, 1, 0))
+        elif field in _BN_FIELDS:
+            leaf = _BN_FIELDS[field]
+            if norm == "frozen_bn":
+                collection = "frozen"
+            else:
+                collection = "params" if leaf in ("scale", "bias") else "batch_stats"
+        else:
+            problems.append(f"unexpected {key}")
+            continue
+        target = backbone_variables.get(collection, {})
+        for part in path:
+            target = target.get(part, {}) if isinstance(target, Mapping) else {}
+        expected = target.get(leaf) if isinstance(target, Mapping) else None
+        if expected is None:
+            problems.append(f"unexpected {key}")
+            continue
+        if tuple(expected.shape) != tuple(value.shape):
+            problems.append(f"{key}: shape {tuple(value.shape)} does not fit {tuple(expected.shape)}")
+            continue
+        node = new[collection]
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = np.asarray(value, np.float32)
+        filled.add((collection, *path, leaf))
+    for collection, tree in backbone_variables.items():
+        for path in _leaf_paths(tree):
+            if (collection, *path) not in filled:
+                problems.append(f"missing {collection}/{'/'.join(path)}")
+    if problems:
+        raise ValueError("pretrained backbone does not match the model: " + "; ".join(sorted(problems)[:20]))
+    return new
+
+
+def _leaf_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            paths.extend(_leaf_paths(value, (*prefix, key)))
+        else:
+            paths.append((*prefix, key))
+    return paths
+
+
+def load_pretrained_backbone(variables: Mapping[str, Any], path: str, norm: str) -> dict[str, Any]:
+    """``variables`` of the detector with the backbone replaced by the weights in ``path``."""
+    backbone = {name: tree["backbone"] for name, tree in variables.items() if "backbone" in tree}
+    converted = convert_resnet(load_state_dict(path), backbone, norm)
+    return {
+        name: {**tree, **({"backbone": converted[name]} if name in converted else {})}
+        for name, tree in variables.items()
+    }

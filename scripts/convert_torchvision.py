@@ -1,0 +1,22 @@
+r"""Converts a torchvision ResNet checkpoint (.pth) into an .npz state_dict, so training needs no torch.
+
+python -m scripts.convert_torchvision resnet50-0676ba61.pth resnet50.npz
+"""
+
+import sys
+
+import numpy as np
+
+from atss_jax.models.torchvision_import import load_state_dict
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 3:
+        raise SystemExit(__doc__)
+    state = load_state_dict(argv[1])
+    np.savez(argv[2], **state)
+    print(f"wrote {len(state)} arrays to {argv[2]}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

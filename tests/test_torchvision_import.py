@@ -1,0 +1,126 @@
+"""Converted torchvision ResNet weights give the same C3-C5 as torch (reference ResNet defined here)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from atss_jax.models.resnet import ResNet  # noqa: E402
+from atss_jax.models.torchvision_import import convert_resnet, load_state_dict  # noqa: E402
+
+
+class TorchBlock(nn.Module):
+    """torchvision's BasicBlock (expansion 1) or Bottleneck (expansion 4, stride on the 3x3)."""
+
+    def __init__(self, in_channels, width, stride, bottleneck):
+        super().__init__()
+        out = width * (4 if bottleneck else 1)
+        if bottleneck:
+            self.conv1, self.bn1 = nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width)
+            self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+            self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out)
+            self.convs = [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+        else:
+            self.conv1, self.bn1 = nn.Conv2d(in_channels, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+            self.conv2, self.bn2 = nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)
+            self.convs = [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+        self.downsample = None
+        if stride != 1 or in_channels != out:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x):
+        y = x
+        for i, (conv, bn) in enumerate(self.convs):
+            y = bn(conv(y))
+            if i < len(self.convs) - 1:
+                y = torch.relu(y)
+        return torch.relu(y + (self.downsample(x) if self.downsample is not None else x))
+
+
+class TorchResNet(nn.Module):
+    def __init__(self, stages, bottleneck):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        channels = 64
+        for s, blocks in enumerate(stages):
+            layers = []
+            for i in range(blocks):
+                layers.append(TorchBlock(channels, 64 * 2**s, 2 if s > 0 and i == 0 else 1, bottleneck))
+                channels = 64 * 2**s * (4 if bottleneck else 1)
+            setattr(self, f"layer{s + 1}", nn.Sequential(*layers))
+        self.fc = nn.Linear(channels, 1000)
+
+    def forward(self, x):
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        outputs = []
+        for s in range(4):
+            x = getattr(self, f"layer{s + 1}")(x)
+            outputs.append(x)
+        return outputs[1:]
+
+
+def _torch_model(depth):
+    stages = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3)}[depth]
+    torch.manual_seed(depth)
+    model = TorchResNet(stages, bottleneck=depth >= 50)
+    with torch.no_grad():  # non-trivial BN statistics and affine, as a trained network has
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _variables(model, image):
+    variables = model.init(jax.random.key(0), image)
+    return {name: tree for name, tree in variables.items()}
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_converted_backbone_matches_torch(depth, tmp_path):
+    torch_model = _torch_model(depth)
+    image = np.random.default_rng(depth).normal(size=(2, 3, 96, 128)).astype(np.float32)
+    with torch.no_grad():
+        expected = [t.numpy().transpose(0, 2, 3, 1) for t in torch_model(torch.from_numpy(image))]
+
+    path = tmp_path / "resnet.npz"
+    np.savez(path, **{k: v.numpy() for k, v in torch_model.state_dict().items()})
+    model = ResNet(depth=depth, norm="frozen_bn")
+    nhwc = jnp.asarray(image.transpose(0, 2, 3, 1))
+    variables = convert_resnet(load_state_dict(str(path)), _variables(model, nhwc), "frozen_bn")
+    outputs = model.apply(variables, nhwc)
+    for got, want in zip(outputs, expected):
+        assert got.shape == want.shape
+        relative = np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want)
+        assert relative < 1e-4
+
+
+def test_pth_file_and_trainable_bn(tmp_path):
+    torch_model = _torch_model(18)
+    path = tmp_path / "resnet18.pth"
+    torch.save(torch_model.state_dict(), path)
+    model = ResNet(depth=18, norm="bn")
+    image = jnp.zeros((1, 64, 64, 3))
+    variables = convert_resnet(load_state_dict(str(path)), _variables(model, image), "bn")
+    np.testing.assert_allclose(variables["batch_stats"]["bn1"]["var"], torch_model.bn1.running_var.numpy())
+    np.testing.assert_allclose(variables["params"]["bn1"]["scale"], torch_model.bn1.weight.detach().numpy())
+
+
+def test_wrong_depth_and_corrupt_files_are_named(tmp_path):
+    state = {k: v.numpy() for k, v in _torch_model(18).state_dict().items()}
+    model = ResNet(depth=50, norm="frozen_bn")
+    with pytest.raises(ValueError, match=r"missing|unexpected|shape"):
+        convert_resnet(state, _variables(model, jnp.zeros((1, 64, 64, 3))), "frozen_bn")
+    corrupt = tmp_path / "broken.npz"
+    corrupt.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match=r"broken\.npz"):
+        load_state_dict(str(corrupt))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_state_dict(str(tmp_path / "nowhere.npz"))
