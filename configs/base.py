@@ -36,6 +36,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.head.use_centerness = True
     config.model.head.use_scales = True
 
+    # Keyword arguments of atss_jax.losses.detection_losses.
+    config.loss = ml_collections.ConfigDict()
+    config.loss.box_loss = "giou"  # Table 1 "GIoU Loss"; "smooth_l1" regresses deltas instead
+    config.loss.box_loss_weight = 2.0
+    config.loss.focal_alpha = 0.25
+    config.loss.focal_gamma = 2.0
+
     config.anchors = ml_collections.ConfigDict()
     config.anchors.strides = (8, 16, 32, 64, 128)
     config.anchors.octave_base_scale = 8.0

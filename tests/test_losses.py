@@ -139,3 +139,12 @@ def test_bad_switches_are_named():
         _losses([0, -1], [[0.0] * 4] * 2, regression="corners")
     with pytest.raises(ValueError, match="smooth_l1"):
         _losses([0, -1], [[0.0] * 4] * 2, regression="point", box_loss="smooth_l1")
+
+
+def test_config_loss_section_is_the_keyword_arguments():
+    from configs import base
+
+    config = base.get_config()
+    terms = _losses([0, -1], [[0.1] * 4, [0.0] * 4], **config.loss)
+    reference = _losses([0, -1], [[0.1] * 4, [0.0] * 4])
+    assert float(terms.total) == pytest.approx(float(reference.total))

@@ -124,3 +124,24 @@ def test_wrong_depth_and_corrupt_files_are_named(tmp_path):
         load_state_dict(str(corrupt))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_state_dict(str(tmp_path / "nowhere.npz"))
+
+
+def test_detector_init_loads_the_configured_backbone(tmp_path):
+    from atss_jax.models.detector import build_detector, init_detector
+    from configs import tiny
+
+    torch_model = _torch_model(18)
+    path = tmp_path / "resnet18.npz"
+    np.savez(path, **{k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
+    config = tiny.get_config()
+    config.model.backbone.width = 64
+    config.model.backbone.norm = "frozen_bn"
+    config.model.backbone.pretrained = str(path)
+    model = build_detector(config.model, anchors_per_location=1)
+    variables = init_detector(model, config.model, jax.random.key(0), (64, 64))
+    np.testing.assert_array_equal(
+        variables["params"]["backbone"]["conv1"]["kernel"],
+        torch_model.conv1.weight.detach().numpy().transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(variables["frozen"]["backbone"]["bn1"]["mean"], torch_model.bn1.running_mean.numpy())
+    assert "fpn" in variables["params"] and "head" in variables["params"]
