@@ -118,3 +118,30 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
     variables = model.init(jax.random.key(0), image)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables["params"]))
     assert all(o.dtype == jnp.float32 for o in model.apply(variables, image))
+
+
+@pytest.mark.parametrize("frozen_stages", [1, 2])
+def test_frozen_stages_get_no_gradient_and_are_masked(frozen_stages):
+    from atss_jax.models.detector import frozen_parameter_mask
+
+    config = tiny.get_config()
+    config.model.backbone.frozen_stages = frozen_stages
+    model = build_detector(config.model, anchors_per_location=1)
+    image = jnp.asarray(np.random.default_rng(2).integers(0, 255, (1, 64, 64, 3)), jnp.uint8)
+    variables = model.init(jax.random.key(0), image)
+    grads = jax.grad(lambda p: sum(jnp.sum(o**2) for o in model.apply({**variables, "params": p}, image)))(
+        variables["params"]
+    )
+    mask = frozen_parameter_mask(variables["params"], frozen_stages)
+    for (path, grad), frozen in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(mask)):
+        names = "/".join(str(getattr(p, "key", p)) for p in path)
+        expect_frozen = names.startswith("backbone/") and (
+            (frozen_stages >= 1 and names.split("/")[1] in ("conv1", "bn1"))
+            or (frozen_stages >= 2 and names.split("/")[1].startswith("layer1_"))
+        )
+        assert frozen == expect_frozen, names
+        gradient_is_zero = np.abs(np.asarray(grad)).max() == 0
+        if expect_frozen:
+            assert gradient_is_zero, names
+        elif names.startswith("backbone/") and names.endswith("kernel"):
+            assert not gradient_is_zero, names

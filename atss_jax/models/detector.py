@@ -65,3 +65,24 @@ def init_detector(
     if config.backbone.pretrained:
         variables = load_pretrained_backbone(variables, config.backbone.pretrained, config.backbone.norm)
     return variables
+
+
+def frozen_parameter_mask(params: dict, frozen_stages: int) -> dict:
+    """``params``-shaped pytree of bools: True for the backbone parameters ``frozen_stages`` freezes.
+
+    The model stops their gradients; the optimiser must also leave them alone (no weight decay), e.g.
+    ``optax.multi_transform({"train": sgd, "frozen": optax.set_to_zero()}, labels)``.
+    """
+    frozen_prefixes = (("conv1", "bn1") if frozen_stages >= 1 else ()) + tuple(
+        f"layer{stage}_" for stage in range(1, frozen_stages)
+    )
+
+    def is_frozen(path: tuple, _: jax.Array) -> bool:
+        names = [getattr(entry, "key", None) for entry in path]
+        return (
+            len(names) > 1 and names[0] == "backbone" and str(names[1]).startswith(frozen_prefixes)
+            if frozen_prefixes
+            else False
+        )
+
+    return jax.tree_util.tree_map_with_path(is_frozen, params)
