@@ -16,6 +16,8 @@ import jax.numpy as jnp
 # Keeps divisions finite for degenerate (zero-area) boxes without moving any real IoU.
 _EPS = 1e-9
 DELTA_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+# What the head regresses: "box" deltas from anchors, or "point" LTRB distances in strides.
+REGRESSIONS = ("box", "point")
 # Largest log-scale a delta may decode to: a box at most 1000/16 times its anchor (Detectron's clamp).
 DELTA_SCALE_CLAMP = math.log(1000.0 / 16.0)
 
@@ -162,4 +164,4 @@ def decode_regression(
         return decode_deltas(anchors, box_regression)
     if regression_type == "point":
         return decode_ltrb(box_centers(anchors), box_regression, anchor_strides)
-    raise ValueError(f"regression type {regression_type!r} is not 'box' or 'point'")
+    raise ValueError(f"regression type {regression_type!r} is not one of {REGRESSIONS}")

@@ -16,7 +16,6 @@ import optax
 
 from atss_jax import boxes as box_lib
 
-REGRESSIONS = ("box", "point")
 BOX_LOSSES = ("giou", "smooth_l1")
 
 
@@ -99,8 +98,8 @@ def detection_losses(
     Returns:
       ``LossTerms``. A batch with no positives gives finite losses and gradients.
     """
-    if regression not in REGRESSIONS:
-        raise ValueError(f"regression={regression!r} is not one of {REGRESSIONS}")
+    if regression not in box_lib.REGRESSIONS:
+        raise ValueError(f"regression={regression!r} is not one of {box_lib.REGRESSIONS}")
     if box_loss not in BOX_LOSSES:
         raise ValueError(f"box_loss={box_loss!r} is not one of {BOX_LOSSES}")
     if box_loss == "smooth_l1" and regression != "box":

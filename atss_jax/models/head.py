@@ -9,9 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from atss_jax.boxes import REGRESSIONS
 from atss_jax.models.resnet import GroupNorm
 
-REGRESSIONS = ("box", "point")
 head_init = nn.initializers.normal(0.01)
 
 
