@@ -3,8 +3,8 @@ r"""Benchmark: the jitted, batched ATSS assigners against the per-image designs 
 Same inputs for every implementation (a batch of images filling the canvas, COCO-like boxes), run
 interleaved in one process after checking that all give the same assignment; medians and ratios:
 
-  * jax grid-aware   - ``atss_assign_grid``: a window of locations per box and level (the default,
-                       what the train step runs);
+  * jax grid-aware   - ``atss_assign_grid`` (``build_assigner``'s default): a window of locations
+                       per box and level, what the train step runs;
   * jax full-matrix  - ``atss_assign`` vmapped: a top-k over every anchor of each level (the
                        readable reference);
   * numpy per image  - one image at a time, vectorised over its boxes with full [A, G] distance and
@@ -19,7 +19,6 @@ Usage (from the repository root):
 
 from __future__ import annotations
 
-import functools
 import json
 import statistics
 import time
@@ -27,15 +26,12 @@ import tracemalloc
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from atss_jax.anchors import AnchorGrid, anchor_valid_mask, make_anchor_grid
-from atss_jax.assigners import atss_grid
-from atss_jax.assigners.atss import atss_assign
-from atss_jax.assigners.atss_grid import atss_assign_grid
+from atss_jax.assigners import atss_grid, build_assigner
 from tests.reference_assigners import atss_reference
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Experiment config.")
@@ -61,7 +57,9 @@ def coco_like_boxes(rng: np.random.Generator, batch: int, num_boxes: int, canvas
     return np.concatenate([corner, corner + wh], axis=-1).astype(np.float32)
 
 
-def atss_per_image_numpy(grid: AnchorGrid, anchor_valid: np.ndarray, gt_boxes: np.ndarray, topk: int) -> np.ndarray:
+def atss_per_image_numpy(
+    grid: AnchorGrid, anchor_valid: np.ndarray, gt_boxes: np.ndarray, topk: int, center_eps: float
+) -> np.ndarray:
     """One image, vectorised over its boxes: the design of the official ATSS code and mmdetection.
 
     ``anchor_valid [A] bool, gt_boxes [G, 4] float32 -> gt_index [A] int``.
@@ -93,7 +91,7 @@ def atss_per_image_numpy(grid: AnchorGrid, anchor_valid: np.ndarray, gt_boxes: n
     margin = np.minimum.reduce(
         [cx - gt_boxes[:, 0:1], cy - gt_boxes[:, 1:2], gt_boxes[:, 2:3] - cx, gt_boxes[:, 3:4] - cy]
     )
-    positive = (candidate_ious >= threshold) & (margin > 0.01) & anchor_valid[candidates]
+    positive = (candidate_ious >= threshold) & (margin > center_eps) & anchor_valid[candidates]
     claimed = np.full(ious.shape, -np.inf, np.float32)
     claimed[np.broadcast_to(box_ids, positive.shape)[positive], candidates[positive]] = candidate_ious[positive]
     return np.where(claimed.max(0) > -np.inf, claimed.argmax(0), -1)
@@ -143,37 +141,26 @@ def main(argv: list[str]) -> None:
     image_size = np.tile(np.asarray(canvas, np.int32), (batch, 1))
     anchor_valid = np.asarray(anchor_valid_mask(grid.centers, image_size))
 
-    full_matrix = jax.jit(
-        jax.vmap(
-            functools.partial(
-                atss_assign,
-                jnp.asarray(grid.boxes),
-                level_sizes=grid.level_sizes,
-                topk=topk,
-                anchors_per_location=grid.anchors_per_location,
-            )
-        )
-    )
-    grid_aware = jax.jit(functools.partial(atss_assign_grid, grid, topk=topk))
+    center_eps = config.assigner.center_eps
+    assigners = {}
+    for name, implementation in (("jax grid-aware", "grid"), ("jax full-matrix", "full_matrix")):
+        with config.unlocked():
+            config.assigner.name, config.assigner.atss_implementation = "atss", implementation
+        assigners[name] = build_assigner(config.assigner, grid)
+    # The cond reserves the fallback's buffers (never touched on the fast path): also measure the
+    # grid path alone, without the fallback.
+    assigners["grid path"] = jax.vmap(lambda v, b, g: atss_grid._assign_image(grid, v, b, g, topk, center_eps)[0])
     device_args = jax.device_put((anchor_valid, gt_boxes, gt_valid))
     compiled, compile_s, device_bytes, accessed_bytes = {}, {}, {}, {}
-    for name, fn in (("jax grid-aware", grid_aware), ("jax full-matrix", full_matrix)):
+    for name, fn in assigners.items():
         start = time.perf_counter()
-        compiled[name] = fn.lower(*device_args).compile()
+        compiled[name] = jax.jit(fn).lower(*device_args).compile()
         compile_s[name] = time.perf_counter() - start
         memory = compiled[name].memory_analysis()
         device_bytes[name] = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
         accessed_bytes[name] = _cost(compiled[name], "bytes accessed")
-
-    # The cond reserves the fallback's buffers (never touched on the fast path): also report the
-    # grid path alone, without the fallback.
-    grid_path = jax.jit(
-        jax.vmap(lambda v, b, g: atss_grid._assign_image(grid, v, b, g, topk, config.assigner.center_eps)[0])
-    )
-    path_compiled = grid_path.lower(*device_args).compile()
-    path_memory = path_compiled.memory_analysis()
-    path_bytes = path_memory.temp_size_in_bytes + path_memory.argument_size_in_bytes + path_memory.output_size_in_bytes
-    path_accessed = _cost(path_compiled, "bytes accessed")
+    path_bytes, path_accessed = device_bytes.pop("grid path"), accessed_bytes.pop("grid path")
+    compile_s.pop("grid path")
 
     def run_grid():
         return compiled["jax grid-aware"](*device_args).gt_index
@@ -182,7 +169,9 @@ def main(argv: list[str]) -> None:
         return compiled["jax full-matrix"](*device_args).gt_index
 
     def run_per_image():
-        return np.stack([atss_per_image_numpy(grid, anchor_valid[i], gt_boxes[i], topk) for i in range(batch)])
+        return np.stack(
+            [atss_per_image_numpy(grid, anchor_valid[i], gt_boxes[i], topk, center_eps) for i in range(batch)]
+        )
 
     loop_images = min(_LOOP_IMAGES.value, batch)
 
@@ -196,7 +185,7 @@ def main(argv: list[str]) -> None:
                 grid.level_sizes,
                 topk,
                 grid.anchors_per_location,
-                0.01,
+                center_eps,
             )[0]
             for i in range(loop_images)
         ]
@@ -220,7 +209,9 @@ def main(argv: list[str]) -> None:
             times["numpy per box"].append(_time(run_per_box) * batch / loop_images)
     peaks = {
         **device_bytes,
-        "numpy per image": _numpy_peak_bytes(lambda: atss_per_image_numpy(grid, anchor_valid[0], gt_boxes[0], topk)),
+        "numpy per image": _numpy_peak_bytes(
+            lambda: atss_per_image_numpy(grid, anchor_valid[0], gt_boxes[0], topk, center_eps)
+        ),
         "numpy per box": _numpy_peak_bytes(
             lambda: atss_reference(
                 grid.boxes,
@@ -230,7 +221,7 @@ def main(argv: list[str]) -> None:
                 grid.level_sizes,
                 topk,
                 grid.anchors_per_location,
-                0.01,
+                center_eps,
             )
         ),
     }

@@ -44,6 +44,8 @@ reference is computed only then, one image at a time). The answer is the referen
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,26 +195,23 @@ def atss_assign_grid(
     """
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
+    reference = functools.partial(
+        atss_assign,
+        grid.boxes,
+        level_sizes=grid.level_sizes,
+        topk=topk,
+        anchors_per_location=grid.anchors_per_location,
+        center_eps=center_eps,
+    )
     if gt_boxes.shape[1] == 0:
-        return jax.vmap(lambda v, b, g: atss_assign(grid.boxes, v, b, g, level_sizes=grid.level_sizes))(
-            anchor_valid, gt_boxes, gt_valid
-        )
+        return jax.vmap(reference)(anchor_valid, gt_boxes, gt_valid)
     result, exact = jax.vmap(lambda v, b, g: _assign_image(grid, v, b, g, topk, center_eps))(
         anchor_valid, gt_boxes, gt_valid
     )
-
-    def reference(args):
-        # One image at a time: the fallback's buffers, reserved even when it does not run, stay small.
-        return jax.lax.map(
-            lambda image: atss_assign(
-                grid.boxes,
-                *image,
-                level_sizes=grid.level_sizes,
-                topk=topk,
-                anchors_per_location=grid.anchors_per_location,
-                center_eps=center_eps,
-            ),
-            args,
-        )
-
-    return jax.lax.cond(jnp.all(exact), lambda _: result, reference, (anchor_valid, gt_boxes, gt_valid))
+    # The fallback runs one image at a time: its buffers, reserved even when it does not run, stay small.
+    return jax.lax.cond(
+        jnp.all(exact),
+        lambda _: result,
+        lambda args: jax.lax.map(lambda image: reference(*image), args),
+        (anchor_valid, gt_boxes, gt_valid),
+    )
