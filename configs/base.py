@@ -9,9 +9,33 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     config.data = ml_collections.ConfigDict()
-    # Fixed (height, width) canvas: images are resized into it and zero-padded; one compile.
+    # A TFDS name ("coco/2017"), "coco_format" (config.data.coco_format) or "synthetic_shapes" (the demo).
+    config.data.name = "coco/2017"
+    config.data.data_dir = ""  # TFDS data directory; "" = TFDS's default (~/tensorflow_datasets)
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    # Fixed (height, width) canvas, multiples of 32: images are resized into it and zero-padded; one compile.
     config.data.canvas = (800, 1344)
-    config.data.max_boxes = 100
+    # Also use the transposed canvas for images of the other orientation (two compiles, less padding).
+    config.data.aspect_ratio_buckets = False
+    config.data.min_sizes = (800,)  # short-side targets; several = multi-scale training, one drawn per image
+    config.data.max_size = 1333  # longest side after resizing
+    config.data.eval_min_size = 800
+    config.data.random_flip = True
+    config.data.max_boxes = 100  # more valid boxes in one image is an error naming the image
+    config.data.prefetch_batches = 2
+    config.data.num_threads = 0  # tf.data private thread pool; 0 = TF's default
+    config.data.coco_format = ml_collections.ConfigDict()
+    config.data.coco_format.name = ""
+    config.data.coco_format.annotations = ml_collections.ConfigDict({"train": "", "validation": ""})
+    config.data.coco_format.images = ml_collections.ConfigDict({"train": "", "validation": ""})
+    config.data.synthetic = ml_collections.ConfigDict()
+    config.data.synthetic.num_train = 2000
+    config.data.synthetic.num_validation = 200
+    config.data.synthetic.seed = 0
+    config.data.synthetic.min_image_side = 128
+    config.data.synthetic.max_image_side = 224
+    config.data.synthetic.max_objects = 6
 
     config.model = ml_collections.ConfigDict()
     config.model.num_classes = 80

@@ -1,0 +1,46 @@
+"""config.data -> a prepared TFDS builder (COCO, a COCO-format dataset, or the synthetic demo)."""
+
+from __future__ import annotations
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+from atss_jax.data import coco, coco_format, synthetic
+
+COCO_FORMAT = "coco_format"
+SYNTHETIC = "synthetic_shapes"
+
+
+def builder_name(data_config: ml_collections.ConfigDict) -> str:
+    """The TFDS name the configured dataset is prepared under."""
+    if data_config.name == COCO_FORMAT:
+        if not data_config.coco_format.name:
+            raise ValueError("config.data.name='coco_format' needs config.data.coco_format.name.")
+        return f"{COCO_FORMAT}/{data_config.coco_format.name}"
+    if data_config.name == SYNTHETIC:
+        return f"{COCO_FORMAT}/{synthetic.dataset_name(data_config.synthetic)}"
+    return data_config.name
+
+
+def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """Prepares the configured dataset if needed (downloading COCO through TFDS), then opens it."""
+    data_dir = data_config.data_dir or None
+    if data_config.name == COCO_FORMAT:
+        coco_format.prepare(data_config.coco_format.name, dict(data_config.coco_format.annotations),
+                            dict(data_config.coco_format.images), data_dir)
+    elif data_config.name == SYNTHETIC:
+        synthetic.prepare(data_config.synthetic, data_dir)
+    else:
+        tfds.builder(data_config.name, data_dir=data_dir).download_and_prepare(file_format=coco.FILE_FORMAT)
+    return coco.open_builder(builder_name(data_config), data_dir)
+
+
+def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The prepared builder; the synthetic demo is generated on first use (it takes about a minute).
+
+    Raises:
+      coco.DatasetNotFoundError: COCO or a COCO-format dataset is not prepared (the message says how).
+    """
+    if data_config.name == SYNTHETIC:
+        return prepare(data_config)
+    return coco.open_builder(builder_name(data_config), data_config.data_dir)

@@ -1,0 +1,157 @@
+"""The synthetic demo dataset: simple shapes on textured backgrounds, written in COCO format.
+
+Four shape classes (the class is the shape, never the colour) in random colours, sizes from 8 px to
+most of the image (log-uniform, so small, medium and large objects all occur), aspect ratios 1:3 to
+3:1, partial overlaps, landscape and portrait images. `prepare` writes JPEGs and COCO annotation
+JSONs (area = visible pixel count, like COCO's segment area; boxes = tight bounds of the shape) and
+prepares them with the `coco_format` builder, so the demo exercises exactly the path of real data.
+Deterministic by seed: image i of a split depends only on (seed, split, i).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from atss_jax.data import coco_format
+
+CLASSES = ("rectangle", "ellipse", "triangle", "cross")
+_SPLIT_SALT = {"train": 0, "validation": 1}
+# Placements overlapping an earlier shape by more than this fraction of either box are redrawn.
+_MAX_OVERLAP = 0.4
+
+
+def dataset_name(synthetic_config: ml_collections.ConfigDict) -> str:
+    """A name that changes whenever the generated data would."""
+    c = synthetic_config
+    return (f"synthetic_shapes_n{c.num_train}_v{c.num_validation}_s{c.seed}"
+            f"_px{c.min_image_side}to{c.max_image_side}_obj{c.max_objects}")
+
+
+def _shape_mask(shape: str, height: int, width: int) -> np.ndarray:
+    """[height, width] bool mask of `shape` filling its box (tight: touches all four sides)."""
+    y = (np.arange(height) + 0.5) / height  # pixel centres in [0, 1]
+    x = (np.arange(width) + 0.5) / width
+    yy, xx = np.meshgrid(y, x, indexing="ij")
+    if shape == "rectangle":
+        mask = np.ones((height, width), bool)
+    elif shape == "ellipse":
+        mask = (2 * xx - 1) ** 2 + (2 * yy - 1) ** 2 <= 1.0
+    elif shape == "triangle":  # apex at the top centre
+        mask = np.abs(xx - 0.5) <= 0.5 * yy
+    else:  # cross: two bars a third of the box thick
+        mask = (np.abs(xx - 0.5) <= 1 / 6) | (np.abs(yy - 0.5) <= 1 / 6)
+    # Thin shapes can lose their outermost rows/columns to sampling; mark the box edges touched so the
+    # annotated box is exactly the image extent of the drawn object.
+    mask[0, width // 2] = mask[-1, width // 2] = mask[height // 2, 0] = mask[height // 2, -1] = True
+    return mask
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """[h, w, 3] float32 in [0, 255]: a smooth random colour field plus fine grain."""
+    coarse = rng.uniform(40, 200, size=(4, 4, 3))
+    wy = np.clip(1 - np.abs(np.linspace(0, 3, height)[:, None] - np.arange(4)), 0, None)
+    wx = np.clip(1 - np.abs(np.linspace(0, 3, width)[:, None] - np.arange(4)), 0, None)
+    field = np.einsum("hi,ijc,wj->hwc", wy, coarse, wx)
+    stripes = 12 * np.sin(np.arange(width) * rng.uniform(0.2, 1.2) + rng.uniform(0, 6))[None, :, None]
+    return field + stripes * rng.integers(0, 2) + rng.normal(0, 8, size=(height, width, 3))
+
+
+def generate_image(seed: int, split: str, index: int, config: ml_collections.ConfigDict) -> tuple[np.ndarray, list]:
+    """One image and its objects.
+
+    Returns:
+      image: [h, w, 3] uint8; objects: list of (class index, [x, y, w, h] COCO bbox, visible area).
+    """
+    rng = np.random.default_rng([seed, _SPLIT_SALT[split], index])
+    long_side = int(rng.integers(config.min_image_side, config.max_image_side + 1))
+    short_side = int(rng.integers(config.min_image_side, long_side + 1))
+    height, width = (short_side, long_side) if rng.random() < 0.6 else (long_side, short_side)
+    image = _background(rng, height, width)
+    owner = np.full((height, width), -1)  # which object each pixel shows
+    boxes = []
+    for _ in range(int(rng.integers(1, config.max_objects + 1))):
+        for _attempt in range(10):
+            size = np.exp(rng.uniform(np.log(8), np.log(0.8 * min(height, width))))
+            ratio = np.exp(rng.uniform(np.log(1 / 3), np.log(3)))
+            w = int(np.clip(round(size * np.sqrt(ratio)), 4, width))
+            h = int(np.clip(round(size / np.sqrt(ratio)), 4, height))
+            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            if all(_overlap(x, y, w, h, *other) <= _MAX_OVERLAP for _, other in boxes):
+                break
+        else:
+            continue
+        label = int(rng.integers(len(CLASSES)))
+        mask = _shape_mask(CLASSES[label], h, w)
+        colour = rng.uniform(0, 255, size=3)
+        region = image[y:y + h, x:x + w]
+        region[mask] = colour + rng.normal(0, 6, size=(int(mask.sum()), 3))
+        owner[y:y + h, x:x + w][mask] = len(boxes)
+        boxes.append((label, (x, y, w, h)))
+    objects = []
+    for i, (label, (x, y, w, h)) in enumerate(boxes):
+        visible = int((owner == i).sum())
+        if visible:
+            objects.append((label, [x, y, w, h], visible))
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), objects
+
+
+def _overlap(x, y, w, h, ox, oy, ow, oh) -> float:
+    """Intersection over the smaller of the two boxes."""
+    iw = max(0, min(x + w, ox + ow) - max(x, ox))
+    ih = max(0, min(y + h, oy + oh) - max(y, oy))
+    return iw * ih / min(w * h, ow * oh)
+
+
+def write_coco(directory: str, config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
+    """Writes images/<split>/*.jpg and annotations/instances_<split>.json; returns split -> (json, folder)."""
+    paths = {}
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
+    for split, count in (("train", config.num_train), ("validation", config.num_validation)):
+        image_dir = os.path.join(directory, "images", split)
+        os.makedirs(image_dir, exist_ok=True)
+        images, annotations = [], []
+        for index in range(count):
+            pixels, objects = generate_image(config.seed, split, index, config)
+            file_name = f"{index:06d}.jpg"
+            tf.io.write_file(os.path.join(image_dir, file_name), tf.io.encode_jpeg(pixels, quality=92))
+            image_id = index + 1
+            images.append({"id": image_id, "file_name": file_name, "height": pixels.shape[0],
+                           "width": pixels.shape[1]})
+            for label, bbox, area in objects:
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
+                                    "bbox": bbox, "area": area, "iscrowd": 0})
+        annotation_path = os.path.join(directory, "annotations", f"instances_{split}.json")
+        os.makedirs(os.path.dirname(annotation_path), exist_ok=True)
+        with open(annotation_path, "w") as f:
+            json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+        paths[split] = (annotation_path, image_dir)
+    return paths
+
+
+def source_dir(config: ml_collections.ConfigDict, data_dir: str | None) -> str:
+    """Where the COCO-format files of the synthetic dataset are written."""
+    root = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
+    return os.path.join(root, "synthetic_shapes_source", dataset_name(config))
+
+
+def prepare(config: ml_collections.ConfigDict, data_dir: str | None) -> None:
+    """Generates and prepares the synthetic dataset once; later calls return at once."""
+    name = dataset_name(config)
+    if _is_prepared(name, data_dir):
+        return
+    paths = write_coco(source_dir(config, data_dir), config)
+    coco_format.prepare(name, {split: p[0] for split, p in paths.items()},
+                        {split: p[1] for split, p in paths.items()}, data_dir)
+
+
+def _is_prepared(name: str, data_dir: str | None) -> bool:
+    try:
+        return tfds.builder(f"coco_format/{name}", data_dir=data_dir).is_prepared()
+    except Exception:
+        return False

@@ -1,0 +1,178 @@
+"""A fake COCO 2017 tree prepared by the REAL TFDS coco/2017 builder, read through the pipeline."""
+
+import json
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from atss_jax.data import coco, pipeline
+from configs import tiny
+
+# (image id, height, width, grayscale); annotations per image id: (category id, [x, y, w, h], iscrowd).
+IMAGES = {
+    "train2017": [(11, 48, 64, False), (12, 60, 40, True), (13, 40, 56, False), (14, 52, 52, False)],
+    "val2017": [(21, 48, 64, False), (22, 64, 48, True), (23, 36, 60, False), (24, 50, 50, False),
+                (25, 44, 70, False)],
+}
+ANNOTATIONS = {
+    11: [(1, [4.5, 6.25, 20, 12], 0), (90, [30, 10, 33.5, 30], 0), (18, [0, 0, 64, 48], 1)],
+    12: [(44, [2, 3, 20, 40], 0), (5, [10, 10, 0, 12], 0)],  # a zero-width (degenerate) box
+    13: [(13, [40, 20, 16, 20], 0)],  # touches the right and bottom borders
+    # 14 has no annotation
+    21: [(1, [1, 1, 10, 10], 0), (2, [20, 5, 40, 40], 0), (3, [5, 5, 30, 30], 1)],
+    22: [(62, [4, 8, 30, 50], 0)],
+    23: [(77, [0, 0, 60, 36], 0), (78, [10, 10, 5, 0], 0)],  # a zero-height box
+    24: [(85, [12, 12, 20, 20], 0)],
+    # 25 has no annotation
+}
+CANVAS = (64, 96)
+
+
+def _write_tree(root: str) -> dict:
+    rng = np.random.default_rng(0)
+    categories = [{"id": i, "name": f"category_{i}", "supercategory": "thing"} for i in coco.COCO_CATEGORY_IDS]
+    paths = {}
+    annotation_id = 1
+    for split, images in IMAGES.items():
+        split_root = os.path.join(root, f"{split}_images")
+        os.makedirs(os.path.join(split_root, split))
+        image_entries, annotation_entries = [], []
+        for image_id, height, width, gray in images:
+            pixels = rng.integers(0, 256, (height, width, 1 if gray else 3), dtype=np.uint8)
+            name = f"{image_id:012d}.jpg"
+            tf.io.write_file(os.path.join(split_root, split, name), tf.io.encode_jpeg(pixels))
+            image_entries.append({"id": image_id, "file_name": name, "height": height, "width": width})
+            for category, bbox, crowd in ANNOTATIONS.get(image_id, []):
+                annotation_entries.append({"id": annotation_id, "image_id": image_id, "category_id": category,
+                                           "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": crowd,
+                                           "segmentation": []})
+                annotation_id += 1
+        paths[f"{split}_images"] = split_root
+        annotations = {"images": image_entries, "annotations": annotation_entries, "categories": categories}
+        os.makedirs(os.path.join(root, "annotations_trainval2017", "annotations"), exist_ok=True)
+        with open(os.path.join(root, "annotations_trainval2017", "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump(annotations, f)
+    test_root = os.path.join(root, "test2017_images")
+    os.makedirs(os.path.join(test_root, "test2017"))
+    tf.io.write_file(os.path.join(test_root, "test2017", "000000000031.jpg"),
+                     tf.io.encode_jpeg(np.zeros((20, 30, 3), np.uint8)))
+    os.makedirs(os.path.join(root, "image_info_test2017", "annotations"))
+    with open(os.path.join(root, "image_info_test2017", "annotations", "image_info_test2017.json"), "w") as f:
+        json.dump({"images": [{"id": 31, "file_name": "000000000031.jpg", "height": 20, "width": 30}],
+                   "categories": categories}, f)
+    return {
+        "train_images": paths["train2017_images"], "train_annotations": os.path.join(root, "annotations_trainval2017"),
+        "validation_images": paths["val2017_images"],
+        "validation_annotations": os.path.join(root, "annotations_trainval2017"),
+        "test_images": test_root, "test_annotations": os.path.join(root, "image_info_test2017"),
+    }
+
+
+@pytest.fixture(scope="module")
+def data_config(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("coco_tree"))
+    extracted = _write_tree(root)
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    # The real builder; only the download (of the zips from images.cocodataset.org) is replaced.
+    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=extracted):
+        tfds.builder("coco/2017", data_dir=data_dir).download_and_prepare(file_format=coco.FILE_FORMAT)
+    config = tiny.get_config()
+    config.data.data_dir = data_dir
+    config.data.canvas = CANVAS
+    config.data.min_sizes = (56, 72)
+    config.data.max_size = 90
+    config.data.eval_min_size = 64
+    return config.data
+
+
+def _original(image_id: int) -> tuple[int, int, bool]:
+    return next((h, w, g) for images in IMAGES.values() for i, h, w, g in images if i == image_id)
+
+
+def _expected_targets(image_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training targets by hand: xyxy clipped to the image, crowd and empty boxes dropped, TFDS labels."""
+    height, width, _ = _original(image_id)
+    boxes, labels = [], []
+    for category, (x, y, w, h), crowd in ANNOTATIONS.get(image_id, []):
+        x1, y1, x2, y2 = np.clip([x, y, x + w, y + h], 0, [width, height, width, height])
+        if not crowd and x2 > x1 and y2 > y1:
+            boxes.append([x1, y1, x2, y2])
+            labels.append(coco.COCO_CATEGORY_IDS.index(category))
+    return np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int32)
+
+
+def _examples(dataset) -> list[dict]:
+    return [{k: v[i] for k, v in batch.items()}
+            for batch in dataset.as_numpy_iterator() for i in range(len(batch["image_id"]))]
+
+
+def test_coco_category_ids(data_config):
+    builder = coco.open_builder("coco/2017", data_config.data_dir)
+    assert coco.category_ids(builder) == coco.COCO_CATEGORY_IDS
+    assert len(coco.COCO_CATEGORY_IDS) == 80 and coco.COCO_CATEGORY_IDS[-1] == 90
+
+
+def test_eval_examples_map_back_to_the_annotations(data_config):
+    data = pipeline.eval_dataset(data_config, batch_per_host=2, process_index=0, process_count=1)
+    examples = [e for e in _examples(data.dataset) if e["example_valid"]]
+    assert sorted(e["image_id"] for e in examples) == [i for i, *_ in IMAGES["val2017"]]
+    for e in examples:
+        height, width, gray = _original(int(e["image_id"]))
+        np.testing.assert_array_equal(e["original_size"], [height, width])
+        scale = min(64 / min(height, width), 90 / max(height, width), CANVAS[0] / height, CANVAS[1] / width)
+        assert e["scale"] == pytest.approx(scale)
+        np.testing.assert_array_equal(e["image_size"], np.round(np.array([height, width]) * scale))
+        boxes, labels = _expected_targets(int(e["image_id"]))
+        count = int(e["box_valid"].sum())
+        assert count == len(boxes) and not e["box_valid"][count:].any()
+        np.testing.assert_allclose(e["boxes"][:count] / e["scale"], boxes, atol=1e-3)
+        np.testing.assert_array_equal(e["labels"][:count], labels)
+        h, w = e["image_size"]
+        assert not e["image"][h:].any() and not e["image"][:, w:].any(), "padding must be zero"
+        if gray:
+            image = e["image"][:h, :w].astype(int)
+            assert np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2])
+
+
+def test_train_examples_are_flipped_or_not_and_map_back(data_config):
+    dataset = pipeline.train_dataset(data_config, global_batch=2, seed=3, process_index=0, process_count=1)
+    flips, sizes = set(), set()
+    for e in _examples(dataset.take(8)):
+        _, width, _ = _original(int(e["image_id"]))
+        boxes, labels = _expected_targets(int(e["image_id"]))
+        count = int(e["box_valid"].sum())
+        assert count == len(boxes)
+        np.testing.assert_array_equal(e["labels"][:count], labels)
+        original = e["boxes"][:count] / e["scale"]
+        mirrored = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
+        if count:
+            flipped = not np.allclose(original, boxes, atol=1e-3)
+            np.testing.assert_allclose(original, mirrored if flipped else boxes, atol=1e-3)
+            flips.add(flipped)
+        sizes.add(int(min(e["image_size"])))
+        assert e["image"].shape == (*CANVAS, 3) and e["boxes"].shape == (data_config.max_boxes, 4)
+    assert flips == {True, False}, "random flip should produce both orientations"
+    assert len(sizes) > 1, "multi-scale training should draw several short sides"
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_eval_visits_every_image_once(data_config, process_count):
+    seen, batch_counts = [], set()
+    for process_index in range(process_count):
+        data = pipeline.eval_dataset(data_config, batch_per_host=2, process_index=process_index,
+                                     process_count=process_count)
+        examples = _examples(data.dataset)
+        batch_counts.add(data.num_batches)
+        assert len(examples) == 2 * data.num_batches
+        seen += [int(e["image_id"]) for e in examples if e["example_valid"]]
+    assert sorted(seen) == sorted(i for i, *_ in IMAGES["val2017"])
+    assert len(batch_counts) == 1, "every host must run the same number of eval steps"
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(coco.DatasetNotFoundError, match="not prepared"):
+        coco.open_builder("coco/2017", str(tmp_path))
