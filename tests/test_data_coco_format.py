@@ -119,3 +119,24 @@ def test_unprepared_custom_dataset_is_a_clear_error(tmp_path):
     config.data_dir = str(tmp_path)
     with pytest.raises(coco.DatasetNotFoundError, match="never_prepared"):
         datasets.get_builder(config)
+
+
+def test_dataset_without_random_access_names_the_conversion(tmp_path):
+    tf.io.write_file(str(tmp_path / "a.jpg"), tf.io.encode_jpeg(np.zeros((10, 10, 3), np.uint8)))
+    path = _write(str(tmp_path), [IMAGE], [])
+    builder = coco_format.CocoFormat(
+        config=coco_format.CocoFormatConfig(name="streamed", annotations={"train": path},
+                                            images={"train": str(tmp_path)}),
+        data_dir=str(tmp_path / "tfds"), file_format="tfrecord")
+    builder.download_and_prepare(file_format="tfrecord")
+    with pytest.raises(coco.DatasetNotFoundError, match="tfds convert_format"):
+        coco.open_builder("coco_format/streamed", str(tmp_path / "tfds"))
+
+
+def test_image_sizes_from_headers_match_decoded_images(custom_config):
+    split = pipeline.open_split(custom_config, "train")
+    sizes = split.image_sizes()
+    decoded = [tf.shape(coco.decode_example(split.read(tf.constant(i, tf.int64)))["image"])[:2].numpy()
+               for i in range(split.num_examples)]
+    np.testing.assert_array_equal(sizes, decoded)
+    np.testing.assert_array_equal(split.image_sizes(), sizes)  # now from the cache

@@ -43,7 +43,7 @@ def open_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     how = ("Prepare it with `python -m scripts.prepare_data --config=<your config>` (README, 'Datasets'), "
            "or set config.data.data_dir to where it is prepared.")
     try:
-        builder = tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT)
+        builder = tfds.builder(name, data_dir=data_dir)
     except (tfds.core.registered.DatasetNotFoundError, ValueError) as error:
         # TFDS reports an unprepared coco_format dataset as an unknown builder config.
         raise DatasetNotFoundError(f"Dataset {name!r} is unknown or not prepared in "
@@ -55,7 +55,7 @@ def open_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         raise DatasetNotFoundError(
             f"Dataset {name!r} in {builder.data_dir!r} is stored as {sorted(formats)}, but the pipeline "
             f"needs random access ({FILE_FORMAT}). Convert it once with `tfds convert_format "
-            f"--dataset_dir={builder.data_dir} --out_file_format={FILE_FORMAT}`."
+            f"--dataset_version_dir={builder.data_dir} --out_file_format={FILE_FORMAT}`."
         )
     return builder
 

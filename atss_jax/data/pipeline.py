@@ -48,7 +48,8 @@ class Split:
 
     @functools.cached_property
     def source(self) -> Sequence[bytes]:
-        return self.builder.as_data_source(self.name, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+        return self.builder.as_data_source(self.name, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES,
+                                           file_format=coco.FILE_FORMAT)
 
     @property
     def num_examples(self) -> int:
@@ -70,8 +71,7 @@ class Split:
         if cache.exists():
             with cache.open("rb") as f:
                 return np.load(f)
-        ds = tf.data.Dataset.range(self.num_examples).map(
-            lambda i: _encoded_image_size(self.read(i)["image"]), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.range(self.num_examples).map(self._image_size, num_parallel_calls=tf.data.AUTOTUNE)
         sizes = np.zeros((self.num_examples, 2), np.int64)
         for start, chunk in zip(range(0, self.num_examples, 1024), ds.batch(1024).as_numpy_iterator()):
             sizes[start:start + len(chunk)] = chunk
@@ -82,11 +82,14 @@ class Split:
             pass
         return sizes
 
+    def _image_size(self, index: tf.Tensor) -> tf.Tensor:
+        encoded = self.read(index)["image"]
+        # JPEG headers give the size without decoding; other formats are decoded.
+        if_jpeg = tf.strings.substr(encoded, 0, 2) == b"\xff\xd8"
+        return tf.cond(if_jpeg, lambda: tf.image.extract_jpeg_shape(encoded)[:2],
+                       lambda: tf.shape(coco.decode_image(encoded))[:2])
 
-def _encoded_image_size(encoded: tf.Tensor) -> tf.Tensor:
-    is_jpeg = tf.strings.substr(encoded, 0, 2) == b"\xff\xd8"
-    return tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(encoded)[:2],
-                   lambda: tf.shape(coco.decode_image(encoded))[:2])
+
 
 
 def open_split(data_config: ml_collections.ConfigDict, split: str) -> Split:

@@ -70,7 +70,8 @@ def resize_and_pad(image: tf.Tensor, boxes: tf.Tensor, scale: tf.Tensor,
     resized_size = tf.cast(tf.round(original * scale), tf.int32)
     resized_size = tf.clip_by_value(resized_size, 1, tf.constant(canvas, tf.int32))
     resized = tf.image.resize(image, resized_size, method="bilinear")
-    resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+    # Bilinear weights are convex, so values stay in [0, 255]: +0.5 and truncation round without a clip.
+    resized = tf.cast(resized + 0.5, tf.uint8)
     padded = tf.image.pad_to_bounding_box(resized, 0, 0, canvas[0], canvas[1])
     return padded, boxes * scale, resized_size
 
