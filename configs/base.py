@@ -89,4 +89,37 @@ def get_config() -> ml_collections.ConfigDict:
     config.assigner.regress_ranges = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, math.inf))
     config.assigner.center_sampling_radius = 1.5
 
+    config.seed = 0  # initialisation, data order and augmentation
+
+    config.train = ml_collections.ConfigDict()
+    config.train.global_batch = 16  # over all devices of all hosts
+    config.train.num_steps = 90_000  # 1x schedule at batch 16 (about 12 COCO epochs)
+    config.train.log_every = 50
+    config.train.eval_every = 0  # 0: evaluate at the end only
+    config.train.checkpoint_every = 2_000
+    config.train.max_checkpoints_to_keep = 3
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.base_lr = 0.01  # for base_batch images; scaled linearly with the global batch
+    config.optimizer.base_batch = 16
+    config.optimizer.momentum = 0.9
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.decay_norm_and_bias = True  # False exempts every 1-D parameter (norm scales, biases)
+    config.optimizer.warmup_steps = 500
+    config.optimizer.warmup_factor = 1.0 / 3.0  # linear warmup from this fraction of the rate
+    config.optimizer.lr_milestones = (2.0 / 3.0, 8.0 / 9.0)  # fractions of num_steps (60k and 80k of 90k)
+    config.optimizer.lr_decay = 0.1
+    config.optimizer.clip_grad_norm = 0.0  # 0: no clipping
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_per_device = 8
+    # The official annotations JSON for pycocotools ("" = built from the TFDS split: same numbers).
+    config.eval.annotations_file = ""
+    config.eval.score_threshold = 0.05
+    config.eval.pre_nms_topk = 1000
+    config.eval.nms_iou_threshold = 0.6
+    config.eval.max_detections = 100
+    config.eval.num_images_to_draw = 4
+    config.eval.draw_score_threshold = 0.3
+
     return config.lock()

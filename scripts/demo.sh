@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Sets up .venv if needed, then runs the main job on its embedded default. Until the trainer lands
-# that job is the assignment benchmark at the COCO canvas (batch 16, 800x1344, 100 boxes).
+# The main job on its embedded default: sets up .venv if needed, generates the synthetic shapes dataset
+# (once, in TFDS's data dir), trains configs/demo.py on this machine's devices, evaluates, and prints
+# the COCO table. Extra arguments go to atss_jax.main (e.g. --config.train.num_steps=200).
+# WORKDIR picks the output directory (default: a new one under /tmp); rerunning in it resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-.venv/bin/python -m scripts.benchmark_assign "$@"
+workdir="${WORKDIR:-/tmp/atss_demo_$(date +%Y%m%d_%H%M%S)}"
+echo "Workdir: $workdir (metrics.json, TensorBoard events, checkpoints, eval/ PNGs)"
+.venv/bin/python -m atss_jax.main --config=configs/demo.py --workdir="$workdir" "$@"

@@ -1,5 +1,8 @@
 """Fixtures shared by several test modules."""
 
+import os
+
+import jax
 import ml_collections
 import pytest
 
@@ -7,13 +10,21 @@ from atss_jax.data import synthetic
 from configs import tiny
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for the session: trainings of the same config in and out of this process
+    compile once."""
+    directory = str(tmp_path_factory.mktemp("xla_cache"))
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1.0"
+
+
 @pytest.fixture(scope="session")
 def synthetic_data_config(tmp_path_factory) -> ml_collections.ConfigDict:
-    """config.data of the tiny config on a small synthetic dataset, prepared once per test session."""
+    """config.data of the tiny config (a small synthetic dataset), prepared once per test session."""
     config = tiny.get_config()
-    config.data.name = "synthetic_shapes"
     config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
-    config.data.synthetic.num_train = 48
-    config.data.synthetic.num_validation = 13
     synthetic.prepare(config.data.synthetic, config.data.data_dir)
     return config.data

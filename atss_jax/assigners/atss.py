@@ -22,7 +22,7 @@ from atss_jax import boxes as box_lib
 from atss_jax.assigners.result import NEGATIVE, AssignResult, positives_per_box
 
 
-def _level_candidates(
+def level_candidates(
     anchor_centers: jax.Array,
     anchor_valid: jax.Array,
     gt_centers: jax.Array,
@@ -139,7 +139,7 @@ def atss_assign(
             num_positives=jnp.zeros((0,), jnp.int32),
             iou_threshold=jnp.zeros((0,), jnp.float32),
         )
-    candidate_index = _level_candidates(
+    candidate_index = level_candidates(
         box_lib.box_centers(anchors),
         anchor_valid,
         box_lib.box_centers(gt_boxes),

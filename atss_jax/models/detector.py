@@ -33,8 +33,9 @@ class ATSSDetector(nn.Module):
         return self.head(self.fpn(c3, c4, c5))
 
 
-def build_detector(config: ml_collections.ConfigDict, anchors_per_location: int) -> ATSSDetector:
-    """The detector of ``config.model`` (see ``configs/base.py``)."""
+def build_detector(config: ml_collections.ConfigDict, anchors_per_location: int,
+                   axis_name: str | None = None) -> ATSSDetector:
+    """The detector of ``config.model`` (see ``configs/base.py``); trainable BN syncs over ``axis_name``."""
     dtype = jnp.dtype(config.dtype)
     backbone = ResNet(
         depth=config.backbone.depth,
@@ -42,6 +43,7 @@ def build_detector(config: ml_collections.ConfigDict, anchors_per_location: int)
         frozen_stages=config.backbone.frozen_stages,
         width=config.backbone.width,
         dtype=dtype,
+        axis_name=axis_name,
     )
     head = ATSSHead(
         num_classes=config.num_classes,

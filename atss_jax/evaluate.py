@@ -1,0 +1,146 @@
+"""COCO box evaluation: ground truth from the dataset or the official JSON, pycocotools metrics, host merge.
+
+Detections leave the device in original-image pixels with label indices; `detections_to_coco` turns
+them into COCO results (xywh, category ids, clipped to the original image). Each host writes its
+part to the workdir; process 0 merges them and runs pycocotools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+from etils import epath
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from atss_jax.data import pipeline
+
+# COCOeval.stats, in order.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def ground_truth_from_split(split: pipeline.Split) -> dict:
+    """A COCO ground-truth dict built from a TFDS split.
+
+    Crowd boxes stay (`iscrowd=1`, so detections on them are ignored, as in the official evaluation)
+    and `area` is the dataset's area field (COCO's segment area decides small/medium/large, not the
+    box area), so the numbers equal those of the official annotation file.
+    """
+    category_ids = split.category_ids
+    sizes = split.image_sizes()
+    records = tf.data.Dataset.range(split.num_examples).map(
+        lambda i: {k: v for k, v in split.read(i).items() if k in ("image/id", "objects")},
+        num_parallel_calls=tf.data.AUTOTUNE)
+    images, annotations = [], []
+    for (height, width), record in zip(sizes, records.as_numpy_iterator()):
+        image_id = int(record["image/id"])
+        images.append({"id": image_id, "height": int(height), "width": int(width)})
+        objects = record["objects"]
+        for ann_id, area, (ymin, xmin, ymax, xmax), label, crowd in zip(
+                objects["id"], objects["area"], objects["bbox"], objects["label"], objects["is_crowd"]):
+            x, y = float(xmin) * width, float(ymin) * height
+            annotations.append({
+                "id": int(ann_id), "image_id": image_id, "category_id": category_ids[int(label)],
+                "bbox": [x, y, float(xmax) * width - x, float(ymax) * height - y],
+                "area": float(area), "iscrowd": int(crowd),
+            })
+    _renumber_duplicate_ids(annotations)
+    categories = [{"id": c, "name": str(c)} for c in category_ids]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _renumber_duplicate_ids(annotations: list[dict]) -> None:
+    """pycocotools needs unique annotation ids; datasets without them (id 0 everywhere) get new ones."""
+    if len({a["id"] for a in annotations}) != len(annotations):
+        for i, annotation in enumerate(annotations, start=1):
+            annotation["id"] = i
+
+
+def load_ground_truth(path: str) -> dict:
+    with epath.Path(path).open() as f:
+        return json.load(f)
+
+
+def detections_to_coco(image_ids: np.ndarray, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                       valid: np.ndarray, original_sizes: np.ndarray, category_ids: Sequence[int]) -> list[dict]:
+    """Device detections -> COCO results.
+
+    Args:
+      image_ids: [N] int; boxes: [N, D, 4] xyxy original pixels; scores: [N, D]; classes: [N, D] label
+      indices; valid: [N, D] bool; original_sizes: [N, 2] (height, width).
+    """
+    results = []
+    for image_id, image_boxes, image_scores, image_classes, image_valid, (height, width) in zip(
+            image_ids, boxes, scores, classes, valid, original_sizes):
+        clipped = np.clip(image_boxes, 0, [width, height, width, height])
+        for (x1, y1, x2, y2), score, label in zip(clipped[image_valid], image_scores[image_valid],
+                                                  image_classes[image_valid]):
+            results.append({"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
+                            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                            "score": float(score)})
+    return results
+
+
+def coco_metrics(ground_truth: dict, detections: list[dict]) -> tuple[dict[str, float], dict[int, float]]:
+    """pycocotools box metrics.
+
+    Returns:
+      (the 12 COCO numbers by name, AP per category id). With no detections at all every number is 0.
+    """
+    if not detections:
+        return dict.fromkeys(METRIC_NAMES, 0.0), {c["id"]: 0.0 for c in ground_truth["categories"]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = ground_truth
+        coco.createIndex()
+        evaluation = COCOeval(coco, coco.loadRes(detections), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    stats = dict(zip(METRIC_NAMES, (float(s) for s in evaluation.stats)))
+    # precision: [IoU thresholds, recall points, categories, area ranges, max detections]; -1 = no data.
+    precision = evaluation.eval["precision"][:, :, :, 0, -1]
+    per_class = {}
+    for k, category_id in enumerate(evaluation.params.catIds):
+        values = precision[:, :, k]
+        values = values[values > -1]
+        per_class[int(category_id)] = float(values.mean()) if values.size else float("nan")
+    return stats, per_class
+
+
+def format_table(stats: dict[str, float], per_class: dict[int, float], names: dict[int, str]) -> str:
+    """The 12 numbers and the per-class AP as Markdown tables."""
+    lines = ["| " + " | ".join(METRIC_NAMES) + " |", "|" + "---|" * len(METRIC_NAMES),
+             "| " + " | ".join(f"{100 * stats[m]:.1f}" for m in METRIC_NAMES) + " |", "",
+             "| category | AP |", "|---|---|"]
+    lines += [f"| {names.get(c, c)} | {100 * ap:.1f} |" for c, ap in per_class.items()]
+    return "\n".join(lines)
+
+
+def write_host_detections(directory: str, process_index: int, detections: list[dict]) -> None:
+    path = epath.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"detections_host{process_index}.json").write_text(json.dumps(detections))
+
+
+def merge_host_detections(directory: str, process_count: int) -> list[dict]:
+    """All hosts' detections (each host wrote `detections_host<i>.json`)."""
+    merged = []
+    for process_index in range(process_count):
+        path = epath.Path(directory) / f"detections_host{process_index}.json"
+        if not path.exists():
+            raise FileNotFoundError(f"Host {process_index} wrote no detections to {path}.")
+        merged += json.loads(path.read_text())
+    return merged
+
+
+def save_json(path: str, value) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
