@@ -20,6 +20,10 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes fr
 _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None, "eval mode: the step to evaluate (default latest).")
 _MULTIHOST = flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize(); default: when the "
                                "environment says there are several processes (TPU pod, SLURM, coordinator).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters JAX does "
+                                   "not detect by itself (also needs --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the job (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,7 +44,9 @@ def main(argv):
     # TF only feeds data: keep it off the accelerators.
     tf.config.set_visible_devices([], "GPU")
     tf.config.set_visible_devices([], "TPU")
-    if _wants_distributed():
+    if _COORDINATOR.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _wants_distributed():
         jax.distributed.initialize()
     from atss_jax import train
 

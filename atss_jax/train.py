@@ -240,7 +240,7 @@ def run_evaluation(config: ml_collections.ConfigDict, variables: dict, eval_fn: 
     if ground_truth is None:
         ground_truth = (evaluate.load_ground_truth(config.eval.annotations_file) if config.eval.annotations_file
                         else evaluate.ground_truth_from_split(data.split))
-    stats, per_class = evaluate.coco_metrics(ground_truth, merged)
+    stats, per_class = evaluate.coco_metrics(ground_truth, merged, config.eval.evaluator)
     names = dict(zip(data.category_ids, data.split.builder.info.features["objects"]["label"].names))
     result = {"metrics": stats, "per_class": {str(k): v for k, v in per_class.items()},
               "table": evaluate.format_table(stats, per_class, names), "images": drawn}

@@ -115,6 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.batch_per_device = 8
     # The official annotations JSON for pycocotools ("" = built from the TFDS split: same numbers).
     config.eval.annotations_file = ""
+    # "faster_coco_eval" (C++, same 12 numbers: scripts/benchmark_eval.py checks) or "pycocotools".
+    config.eval.evaluator = "faster_coco_eval"
     config.eval.score_threshold = 0.05
     config.eval.pre_nms_topk = 1000
     config.eval.nms_iou_threshold = 0.6

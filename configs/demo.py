@@ -22,10 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.head.features = 64
     config.model.head.num_convs = 2
     config.train.global_batch = 16
-    config.train.num_steps = 850
+    config.train.num_steps = 1250
     config.train.log_every = 50
     config.train.checkpoint_every = 500
-    config.optimizer.base_lr = 0.03
+    config.optimizer.base_lr = 0.05
     config.optimizer.warmup_steps = 100
     config.optimizer.warmup_factor = 0.001
     config.optimizer.clip_grad_norm = 10.0

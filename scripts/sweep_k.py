@@ -30,8 +30,12 @@ _COLLECT = flags.DEFINE_bool("collect_only", False, "Only collect the metrics of
 flags.mark_flags_as_required(["config", "root"])
 
 
+def _config_file() -> str:
+    return config_flags.get_config_filename(flags.FLAGS["config"])
+
+
 def command(k: int, passthrough: list[str]) -> list[str]:
-    return [sys.executable, "-m", "atss_jax.main", f"--config={_CONFIG.config_filename}",
+    return [sys.executable, "-m", "atss_jax.main", f"--config={_config_file()}",
             f"--workdir={epath.Path(_ROOT.value) / f'k{k}'}", f"--config.assigner.topk={k}", *passthrough]
 
 
@@ -73,7 +77,7 @@ def main(argv):
     axis.plot(ordered, [100 * results[k]["AP"] for k in ordered], marker="o")
     axis.set_xlabel("k (candidates per level)")
     axis.set_ylabel("box AP")
-    axis.set_title(os.path.basename(_CONFIG.config_filename))
+    axis.set_title(os.path.basename(_config_file()))
     axis.grid(alpha=0.3)
     with (root / "sweep_k.png").open("wb") as f:
         figure.savefig(f, dpi=120, bbox_inches="tight")

@@ -81,6 +81,7 @@ def data_config(tmp_path_factory):
     with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=extracted):
         tfds.builder("coco/2017", data_dir=data_dir).download_and_prepare(file_format=coco.FILE_FORMAT)
     config = tiny.get_config()
+    config.data.name = "coco/2017"
     config.data.data_dir = data_dir
     config.data.canvas = CANVAS
     config.data.min_sizes = (56, 72)

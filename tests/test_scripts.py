@@ -1,0 +1,75 @@
+"""Smoke tests of the command lines: the demo at reduced size, prediction, k sweeps, the assignment figure."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from atss_jax import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, **env):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONPATH": ROOT, **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+SMALL_DEMO = ["--config.data.synthetic.num_train=32", "--config.data.synthetic.num_validation=8",
+              "--config.train.num_steps=2", "--config.train.log_every=1", "--config.eval.batch_per_device=8"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    data_dir = tmp_path_factory.mktemp("demo_data")
+    result = subprocess.run(["bash", "scripts/demo.sh", f"--config.data.data_dir={data_dir}", *SMALL_DEMO],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "WORKDIR": str(workdir)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, data_dir, result.stdout
+
+
+def test_demo_trains_evaluates_and_prints_the_coco_table(demo_run):
+    workdir, _, stdout = demo_run
+    assert "COCO box metrics at step 2" in stdout and "| AP | AP50 |" in stdout
+    with open(workdir / "metrics.json") as f:
+        assert list(json.load(f)["metrics"]) == list(evaluate.METRIC_NAMES)
+
+
+def test_export_and_predict_command_lines(demo_run, tmp_path):
+    workdir, data_dir, _ = demo_run
+    _run(["-m", "scripts.export", "--config=configs/demo.py", f"--workdir={workdir}",
+          f"--export_dir={tmp_path / 'export'}", "--bf16", f"--config.data.data_dir={data_dir}", *SMALL_DEMO[:2]])
+    images = next(p for p, _, files in os.walk(data_dir) if p.endswith(os.path.join("images", "validation")))
+    image = os.path.join(images, sorted(os.listdir(images))[0])
+    _run(["-m", "atss_jax.predict", f"--export_dir={tmp_path / 'export'}", f"--out_dir={tmp_path / 'out'}", image])
+    with open(tmp_path / "out" / "detections.json") as f:
+        (record,) = json.load(f)
+    assert record["file"] == image
+    assert os.path.exists(tmp_path / "out" / (os.path.splitext(os.path.basename(image))[0] + ".png"))
+
+
+def test_visualise_assignment(demo_run, tmp_path):
+    _, data_dir, _ = demo_run
+    _run(["-m", "scripts.visualise_assignment", "--config=configs/demo.py", f"--out={tmp_path / 'a.png'}",
+          f"--config.data.data_dir={data_dir}", *SMALL_DEMO[:2]])
+    assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_sweep_k_prints_commands_and_collects(tmp_path):
+    printed = _run(["-m", "scripts.sweep_k", "--config=configs/demo.py", f"--root={tmp_path}", "--ks=5,9",
+                    "--print_commands", "--config.train.num_steps=7"]).stdout.strip().splitlines()
+    assert len(printed) == 2 and "--config.assigner.topk=5" in printed[0] and "--config.train.num_steps=7" in printed[0]
+    for k, ap in ((5, 0.25), (9, 0.5)):
+        os.makedirs(tmp_path / f"k{k}")
+        metrics = {name: ap for name in evaluate.METRIC_NAMES}
+        (tmp_path / f"k{k}" / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+    table = _run(["-m", "scripts.sweep_k", "--config=configs/demo.py", f"--root={tmp_path}", "--ks=5,9",
+                  "--collect_only"]).stdout
+    assert "| 5 | 25.0 |" in table and "| 9 | 50.0 |" in table
+    assert (tmp_path / "sweep_k.png").stat().st_size > 1000
