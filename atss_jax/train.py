@@ -29,6 +29,7 @@ from atss_jax import boxes as box_lib
 from atss_jax import checkpoint, evaluate, losses, postprocess, visualise
 from atss_jax.anchors import anchor_valid_mask, make_anchor_grid
 from atss_jax.assigners import build_assigner
+from atss_jax.assigners.result import AssignResult
 from atss_jax.data import pipeline
 from atss_jax.models.detector import build_detector, frozen_parameter_mask, init_detector
 
@@ -116,11 +117,18 @@ def create_train_state(config: ml_collections.ConfigDict, model, canvas: tuple[i
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, config: ml_collections.ConfigDict, model,
                optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step on one device's share of the batch (call it under shard_map over AXIS)."""
+    """One SGD step on one device's share of the batch (call it under shard_map over AXIS).
+
+    A batch that carries an assignment (`gt_index` [B, A], `num_positives` and `iou_threshold`
+    [B, G], as `AssignResult`) skips the assigner: scripts/benchmark_train.py times the step both ways.
+    """
     grid = anchor_grid(config, batch["image"].shape[1:3])
     anchors, strides = jnp.asarray(grid.boxes), jnp.asarray(grid.anchor_strides)
     anchor_valid = anchor_valid_mask(grid.centers, batch["image_size"])
-    assignment = build_assigner(config.assigner, grid)(anchor_valid, batch["boxes"], batch["box_valid"])
+    if "gt_index" in batch:
+        assignment = AssignResult(batch["gt_index"], batch["num_positives"], batch["iou_threshold"])
+    else:
+        assignment = build_assigner(config.assigner, grid)(anchor_valid, batch["boxes"], batch["box_valid"])
 
     def loss_fn(params):
         outputs, new_model_state = model.apply({"params": params, **state.model_state}, batch["image"], train=True,

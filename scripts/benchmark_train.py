@@ -1,0 +1,123 @@
+r"""Whole train step: compile time, step time, images/s, FLOPs per image (XLA cost analysis), MFU, the
+share of the step spent in assignment, and peak device memory. Prints a table and writes a JSON.
+
+The assignment share compares the real step with the same step fed a precomputed assignment of the
+same shape (the batch carries `gt_index`, so the assigner is not run), timed interleaved.
+
+    python -m scripts.benchmark_train --config=configs/base.py --batch_per_device=16            # GPU / TPU
+    python -m scripts.benchmark_train --config=configs/base.py --config.data.canvas=256,384 \
+        --batch_per_device=2 --steps=3                                                         # this CPU
+"""
+
+import json
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from atss_jax import train
+from atss_jax.anchors import anchor_valid_mask
+from atss_jax.assigners import build_assigner
+from atss_jax.models.detector import build_detector
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Experiment config.")
+_BATCH = flags.DEFINE_integer("batch_per_device", 16, "Images per device.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant (after one warm-up step).")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of one device for MFU; default by device kind.")
+_OUT = flags.DEFINE_string("out", "benchmark_train.json", "JSON output.")
+
+# Dense peak TFLOP/s per device in the compute dtype the configs use.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0}
+
+
+def _peak_tflops() -> float | None:
+    if _PEAK.value:
+        return _PEAK.value
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), None)
+
+
+def synthetic_batch(config, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A full batch: random images filling the canvas, max_boxes COCO-like boxes per image."""
+    height, width = config.data.canvas
+    boxes_count = config.data.max_boxes
+    size = np.exp(rng.uniform(np.log(8), np.log(min(height, width) * 0.8), (batch, boxes_count, 2)))
+    corner = rng.uniform(0, 1, (batch, boxes_count, 2)) * (np.array([width, height]) - size)
+    return {
+        "image": rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8),
+        "image_size": np.tile(np.array([height, width], np.int32), (batch, 1)),
+        "boxes": np.concatenate([corner, corner + size], -1).astype(np.float32),
+        "labels": rng.integers(0, config.model.num_classes, (batch, boxes_count)).astype(np.int32),
+        "box_valid": np.ones((batch, boxes_count), bool),
+    }
+
+
+def _time_steps(step_fn, state, batch, steps: int) -> tuple[list[float], object]:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return times, state
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    mesh = train.make_mesh()
+    canvas = tuple(config.data.canvas)
+    grid = train.anchor_grid(config, canvas)
+    model = build_detector(config.model, grid.anchors_per_location, axis_name=train.AXIS)
+    state, optimizer = train.create_train_state(config, model, canvas, mesh)
+    train_fn, _ = train.compile_steps(config, model, optimizer, mesh)
+    global_batch = _BATCH.value * jax.device_count()
+    host = synthetic_batch(config, global_batch // jax.process_count(), np.random.default_rng(0))
+    assignment = jax.jit(build_assigner(config.assigner, grid))(
+        anchor_valid_mask(grid.centers, host["image_size"]), host["boxes"], host["box_valid"])
+    with_assignment = {**host, **{k: np.asarray(v) for k, v in assignment._asdict().items()}}
+    batch, precomputed = train.to_global(host, mesh), train.to_global(with_assignment, mesh)
+
+    start = time.perf_counter()
+    compiled = train_fn.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops_per_device_step = float(cost.get("flops", 0.0))
+
+    _, state = _time_steps(train_fn, state, batch, 1)
+    _, state = _time_steps(train_fn, state, precomputed, 1)
+    full, without = [], []
+    for _ in range(_STEPS.value):  # interleaved, so drifts hit both variants alike
+        t, state = _time_steps(train_fn, state, batch, 1)
+        full += t
+        t, state = _time_steps(train_fn, state, precomputed, 1)
+        without += t
+    step, step_without = float(np.median(full)), float(np.median(without))
+    peak = _peak_tflops()
+    achieved_tflops = flops_per_device_step / step / 1e12
+    stats = jax.local_devices()[0].memory_stats() or {}
+    result = {
+        "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "canvas": canvas,
+        "batch_per_device": _BATCH.value, "dtype": config.model.dtype, "max_boxes": config.data.max_boxes,
+        "compile_seconds": compile_seconds, "step_ms": 1000 * step,
+        "step_ms_precomputed_assignment": 1000 * step_without,
+        "assignment_share": max(step - step_without, 0.0) / step, "images_per_second": global_batch / step,
+        "gflops_per_image": flops_per_device_step / _BATCH.value / 1e9, "achieved_tflops_per_device": achieved_tflops,
+        "peak_tflops": peak, "mfu": achieved_tflops / peak if peak else None,
+        "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30 if stats else None,
+    }
+    print(f"\nTrain step, {result['device']} x {result['devices']}, canvas {canvas}, {_BATCH.value} images/device, "
+          f"{config.model.dtype}, {config.data.max_boxes} boxes/image; medians of {_STEPS.value}.")
+    print("| quantity | value |\n|---|---|")
+    for key, value in result.items():
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        print(f"| {key} | {text} |")
+    with open(_OUT.value, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
