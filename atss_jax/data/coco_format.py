@@ -95,12 +95,19 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
     # Configs are made at run time from config.data.coco_format, not registered here.
     BUILDER_CONFIGS: ClassVar[list] = []
 
+    def _annotations(self, path: str) -> dict:
+        """`load_annotations(path)`, read once per builder (the info and every split's examples need it)."""
+        if not hasattr(self, "_loaded_annotations"):
+            self._loaded_annotations = {}
+        if path not in self._loaded_annotations:
+            self._loaded_annotations[path] = load_annotations(path)
+        return self._loaded_annotations[path]
+
     def _categories(self) -> list[dict]:
         splits = self.builder_config.annotations
-        first = load_annotations(next(iter(splits.values())))
-        categories = _sorted_categories(first)
+        categories = _sorted_categories(self._annotations(next(iter(splits.values()))))
         for split, path in splits.items():
-            if _sorted_categories(load_annotations(path)) != categories:
+            if _sorted_categories(self._annotations(path)) != categories:
                 raise AnnotationError(f"Annotation file {path} (split {split!r}) has different categories.")
         return categories
 
@@ -134,7 +141,7 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, annotation_path: str, image_dir: str):
-        data = load_annotations(annotation_path)
+        data = self._annotations(annotation_path)
         label_of_category = {c["id"]: i for i, c in enumerate(_sorted_categories(data))}
         annotations_of_image = collections.defaultdict(list)
         for annotation in data["annotations"]:
