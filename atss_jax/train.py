@@ -268,20 +268,32 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          f"{config.model.num_classes}.")
 
 
+def restore_training(config: ml_collections.ConfigDict, workdir: str | epath.Path, step: int | None = None, *,
+                     require_checkpoint: bool = False) -> tuple:
+    """(mesh, model, optimizer, checkpoints, state) of `workdir`.
+
+    The state is checkpoint `step` (default: the latest), or a fresh one when the workdir has no
+    checkpoint and `require_checkpoint` is False.
+    """
+    mesh = make_mesh()
+    canvas = pipeline.canvases(config.data)[0]
+    model = build_detector(config.model, anchor_grid(config, canvas).anchors_per_location, axis_name=AXIS)
+    state, optimizer = create_train_state(config, model, canvas, mesh)
+    checkpoints = checkpoint.TrainCheckpoints(epath.Path(workdir) / "checkpoints", config.train)
+    if require_checkpoint and checkpoints.manager.latest_step() is None:
+        raise checkpoint.CheckpointError(f"No checkpoint in {epath.Path(workdir) / 'checkpoints'}.")
+    return mesh, model, optimizer, checkpoints, checkpoints.restore(state, step)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     """Trains `config` in `workdir` (resuming from its latest checkpoint), evaluates, returns the final metrics."""
     workdir = epath.Path(workdir)
-    mesh = make_mesh()
     global_batch = config.train.global_batch
     if global_batch % jax.device_count():
         raise ValueError(f"config.train.global_batch={global_batch} is not a multiple of the "
                          f"{jax.device_count()} devices.")
     check_config(config)
-    canvas = pipeline.canvases(config.data)[0]
-    model = build_detector(config.model, anchor_grid(config, canvas).anchors_per_location, axis_name=AXIS)
-    state, optimizer = create_train_state(config, model, canvas, mesh)
-    checkpoints = checkpoint.TrainCheckpoints(workdir / "checkpoints", config.train)
-    state = checkpoints.restore(state)
+    mesh, model, optimizer, checkpoints, state = restore_training(config, workdir)
     start_step = int(state.step)
     train_fn, eval_fn = compile_steps(config, model, optimizer, mesh)
 
@@ -345,14 +357,7 @@ def evaluate_state(config, state: TrainState, eval_fn, mesh, workdir: epath.Path
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict | None:
     """Evaluates checkpoint `step` (default: the latest) of `workdir`."""
     workdir = epath.Path(workdir)
-    mesh = make_mesh()
-    canvas = pipeline.canvases(config.data)[0]
-    model = build_detector(config.model, anchor_grid(config, canvas).anchors_per_location, axis_name=AXIS)
-    state, optimizer = create_train_state(config, model, canvas, mesh)
-    checkpoints = checkpoint.TrainCheckpoints(workdir / "checkpoints", config.train)
-    if checkpoints.manager.latest_step() is None:
-        raise checkpoint.CheckpointError(f"No checkpoint to evaluate in {workdir / 'checkpoints'}.")
-    state = checkpoints.restore(state, step)
+    mesh, model, optimizer, _, state = restore_training(config, workdir, step, require_checkpoint=True)
     _, eval_fn = compile_steps(config, model, optimizer, mesh)
     writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
     return evaluate_state(config, state, eval_fn, mesh, workdir, int(state.step), writer)

@@ -10,7 +10,6 @@ from ml_collections import config_flags
 
 from atss_jax import checkpoint, train
 from atss_jax.data import pipeline
-from atss_jax.models.detector import build_detector
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The config the checkpoint was trained with.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
@@ -21,14 +20,7 @@ flags.mark_flags_as_required(["config", "workdir", "export_dir"])
 
 
 def export(config, workdir: str, export_dir: str, step: int | None = None, bf16: bool = False) -> None:
-    mesh = train.make_mesh()
-    canvas = pipeline.canvases(config.data)[0]
-    model = build_detector(config.model, train.anchor_grid(config, canvas).anchors_per_location)
-    state, _ = train.create_train_state(config, model, canvas, mesh)
-    checkpoints = checkpoint.TrainCheckpoints(f"{workdir}/checkpoints", config.train)
-    if checkpoints.manager.latest_step() is None:
-        raise checkpoint.CheckpointError(f"No checkpoint to export in {workdir}/checkpoints.")
-    state = checkpoints.restore(state, step)
+    *_, state = train.restore_training(config, workdir, step, require_checkpoint=True)
     split = pipeline.open_split(config.data, config.data.eval_split)
     names = tuple(split.builder.info.features["objects"]["label"].names)
     variables = jax.device_get({"params": state.params, **state.model_state})

@@ -36,12 +36,7 @@ def _run_training(workdir, data_dir, devices, *overrides):
 
 
 def _final_state(config, workdir):
-    mesh = train.make_mesh()
-    canvas = pipeline.canvases(config.data)[0]
-    model = build_detector(config.model, train.anchor_grid(config, canvas).anchors_per_location)
-    state, _ = train.create_train_state(config, model, canvas, mesh)
-    checkpoints = checkpoint.TrainCheckpoints(os.path.join(workdir, "checkpoints"), config.train)
-    return jax.device_get(checkpoints.restore(state))
+    return jax.device_get(train.restore_training(config, workdir, require_checkpoint=True)[-1])
 
 
 def _scalars(workdir, tag):
