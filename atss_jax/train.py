@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from atss_jax import boxes as box_lib
-from atss_jax import checkpoint, evaluate, losses, postprocess, visualise
+from atss_jax import checkpoint, evaluate, losses, postprocess, tta, visualise
 from atss_jax.anchors import anchor_valid_mask, make_anchor_grid
 from atss_jax.assigners import build_assigner
 from atss_jax.assigners.result import AssignResult
@@ -221,25 +221,58 @@ def local_rows(array: jax.Array) -> np.ndarray:
     return np.concatenate([np.asarray(s.data) for s in shards])
 
 
-def run_evaluation(config: ml_collections.ConfigDict, variables: dict, eval_fn: Callable, mesh,
-                   output_dir: str, *, ground_truth: dict | None = None) -> dict | None:
-    """Detections over the eval split on every host; process 0 merges and runs pycocotools.
+def predict_split(data_config: ml_collections.ConfigDict, variables: dict, eval_fn: Callable, mesh,
+                  batch_per_host: int, *, horizontal_flip: bool = False, num_images_to_draw: int = 0,
+                  draw_score_threshold: float = 0.3) -> tuple[pipeline.EvalData, dict[str, np.ndarray], list]:
+    """This host's detections on the eval split of `data_config`, in original-image pixels.
 
-    Returns (on process 0): {"metrics": the 12 numbers, "per_class": AP per category id,
-    "table": Markdown}; None on the other hosts.
+    Returns:
+      (the eval data, {"image_id" [N], "original_size" [N, 2], "boxes" [N, D, 4], "scores", "classes",
+      "valid" [N, D]} for this host's N real examples in plan order, up to `num_images_to_draw` drawn images).
     """
-    per_host = config.eval.batch_per_device * jax.local_device_count()
-    data = pipeline.eval_dataset(config.data, batch_per_host=per_host)
-    detections, drawn = [], []
+    data = pipeline.eval_dataset(data_config, batch_per_host=batch_per_host, horizontal_flip=horizontal_flip)
+    parts, drawn = [], []
     for batch in data.dataset.as_numpy_iterator():
         out = {k: local_rows(v) for k, v in eval_fn(variables, to_global(batch, mesh)).items()}
         valid = batch["example_valid"]
-        detections += evaluate.detections_to_coco(
-            batch["image_id"][valid], out["boxes"][valid], out["scores"][valid], out["classes"][valid],
-            out["valid"][valid], batch["original_size"][valid], data.category_ids)
-        if len(drawn) < config.eval.num_images_to_draw and jax.process_index() == 0:
-            drawn += visualise.draw_batch_detections(batch, out, config.eval.num_images_to_draw - len(drawn),
-                                                     score_threshold=config.eval.draw_score_threshold)
+        parts.append({"image_id": batch["image_id"][valid], "original_size": batch["original_size"][valid],
+                      **{k: out[k][valid] for k in ("boxes", "scores", "classes", "valid")}})
+        if len(drawn) < num_images_to_draw and jax.process_index() == 0:
+            drawn += visualise.draw_batch_detections(batch, out, num_images_to_draw - len(drawn),
+                                                     score_threshold=draw_score_threshold)
+    if not parts:
+        raise ValueError(f"the evaluation split {data_config.eval_split!r} has no examples for this host")
+    predictions = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if horizontal_flip:
+        predictions["boxes"] = tta.unflip_boxes(predictions["boxes"], predictions["original_size"])
+    return data, predictions, drawn
+
+
+def run_evaluation(config: ml_collections.ConfigDict, variables: dict, eval_fn: Callable, mesh,
+                   output_dir: str, *, ground_truth: dict | None = None) -> dict | None:
+    """Detections over the eval split on every host (merged over the views of `config.eval.tta` when set);
+    process 0 merges the hosts' detections and computes the COCO metrics.
+
+    Returns (on process 0): {"metrics": the 12 numbers, "per_class": AP per category id,
+    "table": Markdown, "images": drawn detections}; None on the other hosts.
+    """
+    per_host = config.eval.batch_per_device * jax.local_device_count()
+    if config.eval.tta.min_sizes:
+        view_predictions = []
+        for view in tta.views(config):
+            data, predictions, _ = predict_split(view.data_config, variables, eval_fn, mesh, per_host,
+                                                 horizontal_flip=view.flip)
+            view_predictions.append(predictions)
+        predictions = {**view_predictions[0], **tta.merge_views(
+            view_predictions, iou_threshold=config.eval.nms_iou_threshold, max_detections=config.eval.max_detections)}
+        drawn = []  # views differ in size; the drawn images come from plain evaluation
+    else:
+        data, predictions, drawn = predict_split(
+            config.data, variables, eval_fn, mesh, per_host, num_images_to_draw=config.eval.num_images_to_draw,
+            draw_score_threshold=config.eval.draw_score_threshold)
+    detections = evaluate.detections_to_coco(
+        predictions["image_id"], predictions["boxes"], predictions["scores"], predictions["classes"],
+        predictions["valid"], predictions["original_size"], data.category_ids)
     evaluate.write_host_detections(output_dir, jax.process_index(), detections)
     multihost_utils.sync_global_devices("detections written")
     if jax.process_index() != 0:
@@ -250,9 +283,8 @@ def run_evaluation(config: ml_collections.ConfigDict, variables: dict, eval_fn: 
                         else evaluate.ground_truth_from_split(data.split))
     stats, per_class = evaluate.coco_metrics(ground_truth, merged, config.eval.evaluator)
     names = dict(zip(data.category_ids, data.split.builder.info.features["objects"]["label"].names))
-    result = {"metrics": stats, "per_class": {str(k): v for k, v in per_class.items()},
-              "table": evaluate.format_table(stats, per_class, names), "images": drawn}
-    return result
+    return {"metrics": stats, "per_class": {str(k): v for k, v in per_class.items()},
+            "table": evaluate.format_table(stats, per_class, names), "images": drawn}
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

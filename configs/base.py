@@ -47,6 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.backbone.norm = "frozen_bn"
     config.model.backbone.frozen_stages = 2  # stem and first stage
     config.model.backbone.width = 64
+    # ResNeXt: cardinality and bottleneck width per group (1 and 64 = ResNet; 32 and 8 = X-101-32x8d).
+    config.model.backbone.groups = 1
+    config.model.backbone.width_per_group = 64
+    # Stages (1-4 = torchvision's layer1-4) whose 3x3 convs are DCNv2; the paper's DCN rows: (2, 3, 4).
+    config.model.backbone.deformable_stages = ()
     # A torchvision ResNet state_dict (.npz from scripts/convert_torchvision.py, or .pth); "" = none.
     config.model.backbone.pretrained = ""
     config.model.fpn_features = 256
@@ -59,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.head.use_group_norm = True
     config.model.head.use_centerness = True
     config.model.head.use_scales = True
+    config.model.head.deformable_tower = False  # last conv of each tower is DCNv2 (the paper's DCN rows)
 
     # Keyword arguments of atss_jax.losses.detection_losses.
     config.loss = ml_collections.ConfigDict()
@@ -123,5 +129,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.max_detections = 100
     config.eval.num_images_to_draw = 4
     config.eval.draw_score_threshold = 0.3
+    # Test-time augmentation (atss_jax/tta.py): short sides of the views, () = off. The long-side cap and the
+    # canvas scale with each; `flip` adds each view mirrored. Views merge by class-wise NMS
+    # (nms_iou_threshold, max_detections above). No detection images are drawn with TTA.
+    config.eval.tta = ml_collections.ConfigDict()
+    config.eval.tta.min_sizes = ()
+    config.eval.tta.flip = False
 
     return config.lock()

@@ -8,6 +8,7 @@ import pytest
 from atss_jax.anchors import make_anchor_grid
 from atss_jax.models.detector import build_detector
 from atss_jax.models.fpn import FPN
+from atss_jax.models.head import ATSSHead
 from atss_jax.models.resnet import STAGE_SIZES, ResNet, stage_channels
 from configs import base, tiny
 
@@ -108,6 +109,47 @@ def test_head_switches():
     config.model.head.regression = "corners"
     with pytest.raises(ValueError, match="corners"):
         build_detector(config.model, 1).init(jax.random.key(0), image)
+
+
+def test_resnext_dcn_detector_places_deformable_convs_where_the_paper_does():
+    """Grouped 3x3s everywhere; DCNv2 in the 3x3s of stages 2-4 and the last conv of each head tower."""
+    config = tiny.get_config()
+    config.model.backbone.depth = 50
+    config.model.backbone.width = 8
+    config.model.backbone.groups = 4
+    config.model.backbone.width_per_group = 16
+    config.model.backbone.deformable_stages = (2, 3, 4)
+    config.model.head.deformable_tower = True
+    model = build_detector(config.model, anchors_per_location=1)
+    image = jnp.zeros((1, 64, 96, 3), jnp.uint8)
+    variables = jax.eval_shape(model.init, jax.random.key(0), image)
+    backbone, head = variables["params"]["backbone"], variables["params"]["head"]
+    deformable = sorted(name for name, block in backbone.items() if "conv_offset" in block.get("conv2", {}))
+    assert deformable == sorted(name for name in backbone if name.startswith(("layer2_", "layer3_", "layer4_")))
+    # int(planes 8 * 16 / 64) * 4 groups = 8 channels, 2 per group (torchvision's formula).
+    assert backbone["layer1_0"]["conv2"]["kernel"].shape == (3, 3, 2, 8)
+    last = config.model.head.num_convs - 1
+    assert sorted(k for k, v in head.items() if "conv_offset" in v) == [f"box_conv{last}", f"cls_conv{last}"]
+    outputs = jax.eval_shape(model.apply, variables, image)
+    assert outputs[0].shape == (1, make_anchor_grid((64, 96)).num_anchors, config.model.num_classes)
+    config.model.backbone.depth = 18
+    with pytest.raises(ValueError, match="bottleneck"):
+        jax.eval_shape(build_detector(config.model, 1).init, jax.random.key(0), image)
+
+
+def test_deformable_head_tower_trains_its_offsets():
+    head = ATSSHead(num_classes=3, features=8, num_convs=2, deformable_tower=True)
+    rng = np.random.default_rng(3)
+    levels = [jnp.asarray(rng.normal(size=(1, n, n, 8)), jnp.float32) for n in (8, 4)]
+    variables = head.init(jax.random.key(0), levels)
+
+    def loss(params):
+        class_logits, boxes, centerness = head.apply({"params": params}, levels)
+        return jnp.sum(class_logits**2) + jnp.sum(boxes**2) + jnp.sum(centerness**2)
+
+    gradient = jax.jit(jax.grad(loss))(variables["params"])
+    for tower in ("cls_conv1", "box_conv1"):
+        assert float(jnp.abs(gradient[tower]["conv_offset"]["kernel"]).sum()) > 0
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_outputs():

@@ -14,14 +14,17 @@ from atss_jax.models.torchvision_import import convert_resnet, load_state_dict  
 
 
 class TorchBlock(nn.Module):
-    """torchvision's BasicBlock (expansion 1) or Bottleneck (expansion 4, stride on the 3x3)."""
+    """torchvision's BasicBlock (expansion 1) or Bottleneck (expansion 4, stride on the 3x3, ResNeXt's grouped
+    3x3 of ``int(planes * width_per_group / 64) * groups`` channels)."""
 
-    def __init__(self, in_channels, width, stride, bottleneck):
+    def __init__(self, in_channels, planes, stride, bottleneck, groups=1, width_per_group=64):
         super().__init__()
-        out = width * (4 if bottleneck else 1)
+        width = int(planes * width_per_group / 64) * groups if bottleneck else planes
+        out = planes * (4 if bottleneck else 1)
         if bottleneck:
             self.conv1, self.bn1 = nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width)
-            self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+            self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+            self.bn2 = nn.BatchNorm2d(width)
             self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out)
             self.convs = [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
         else:
@@ -42,7 +45,7 @@ class TorchBlock(nn.Module):
 
 
 class TorchResNet(nn.Module):
-    def __init__(self, stages, bottleneck):
+    def __init__(self, stages, bottleneck, groups=1, width_per_group=64):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -50,7 +53,8 @@ class TorchResNet(nn.Module):
         for s, blocks in enumerate(stages):
             layers = []
             for i in range(blocks):
-                layers.append(TorchBlock(channels, 64 * 2**s, 2 if s > 0 and i == 0 else 1, bottleneck))
+                layers.append(TorchBlock(channels, 64 * 2**s, 2 if s > 0 and i == 0 else 1, bottleneck, groups,
+                                         width_per_group))
                 channels = 64 * 2**s * (4 if bottleneck else 1)
             setattr(self, f"layer{s + 1}", nn.Sequential(*layers))
         self.fc = nn.Linear(channels, 1000)
@@ -64,10 +68,10 @@ class TorchResNet(nn.Module):
         return outputs[1:]
 
 
-def _torch_model(depth):
+def _torch_model(depth, groups=1, width_per_group=64):
     stages = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3)}[depth]
     torch.manual_seed(depth)
-    model = TorchResNet(stages, bottleneck=depth >= 50)
+    model = TorchResNet(stages, bottleneck=depth >= 50, groups=groups, width_per_group=width_per_group)
     with torch.no_grad():  # non-trivial BN statistics and affine, as a trained network has
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -83,16 +87,17 @@ def _variables(model, image):
     return {name: tree for name, tree in variables.items()}
 
 
-@pytest.mark.parametrize("depth", [18, 50])
-def test_converted_backbone_matches_torch(depth, tmp_path):
-    torch_model = _torch_model(depth)
+@pytest.mark.parametrize("depth,groups,width_per_group", [(18, 1, 64), (50, 1, 64), (50, 32, 4)])
+def test_converted_backbone_matches_torch(depth, groups, width_per_group, tmp_path):
+    """ResNet-18, ResNet-50 and ResNeXt-50 32x4d (the same grouped bottleneck as ResNeXt-101's)."""
+    torch_model = _torch_model(depth, groups, width_per_group)
     image = np.random.default_rng(depth).normal(size=(2, 3, 96, 128)).astype(np.float32)
     with torch.no_grad():
         expected = [t.numpy().transpose(0, 2, 3, 1) for t in torch_model(torch.from_numpy(image))]
 
     path = tmp_path / "resnet.npz"
     np.savez(path, **{k: v.numpy() for k, v in torch_model.state_dict().items()})
-    model = ResNet(depth=depth, norm="frozen_bn")
+    model = ResNet(depth=depth, norm="frozen_bn", groups=groups, width_per_group=width_per_group)
     nhwc = jnp.asarray(image.transpose(0, 2, 3, 1))
     variables = convert_resnet(load_state_dict(str(path)), _variables(model, nhwc), "frozen_bn")
     outputs = model.apply(variables, nhwc)
@@ -100,6 +105,41 @@ def test_converted_backbone_matches_torch(depth, tmp_path):
         assert got.shape == want.shape
         relative = np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want)
         assert relative < 1e-4
+
+
+def test_plain_weights_load_into_deformable_stages(tmp_path):
+    """DCNv2 stages take the plain network's 3x3 kernels; their offset predictors stay zero, so the converted
+    backbone computes the torch network with those 3x3 outputs halved (sigmoid(0) masks)."""
+    torch_model = _torch_model(50, 32, 4)
+    with torch.no_grad():
+        for stage in (2, 3, 4):
+            for block in getattr(torch_model, f"layer{stage}"):
+                block.conv2.weight.mul_(0.5)
+    image = np.random.default_rng(4).normal(size=(1, 3, 64, 96)).astype(np.float32)
+    with torch.no_grad():
+        expected = [t.numpy().transpose(0, 2, 3, 1) for t in torch_model(torch.from_numpy(image))]
+    state = {k: v.numpy() * (2.0 if k.endswith("conv2.weight") and not k.startswith("layer1") else 1.0)
+             for k, v in torch_model.state_dict().items()}
+    model = ResNet(depth=50, norm="frozen_bn", groups=32, width_per_group=4, deformable_stages=(2, 3, 4))
+    nhwc = jnp.asarray(image.transpose(0, 2, 3, 1))
+    variables = convert_resnet(state, _variables(model, nhwc), "frozen_bn")
+    offset_kernel = variables["params"]["layer3_0"]["conv2"]["conv_offset"]["kernel"]
+    assert offset_kernel.shape == (3, 3, 512, 27) and not np.any(offset_kernel)
+    for got, want in zip(model.apply(variables, nhwc), expected):
+        relative = np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want)
+        assert relative < 1e-4
+
+
+@pytest.mark.parametrize("groups,width_per_group,torchvision_count", [(32, 8, 88_791_336), (64, 4, 83_455_272)])
+def test_resnext101_has_torchvisions_parameter_count(groups, width_per_group, torchvision_count):
+    """torchvision's published sizes of resnext101_32x8d and _64x4d, less the 1000-way classifier."""
+    model = ResNet(depth=101, groups=groups, width_per_group=width_per_group)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    leaves = jax.tree_util.tree_leaves_with_path(variables["frozen"])
+    bn_affine = sum(int(np.prod(leaf.shape)) for path, leaf in leaves if path[-1].key in ("scale", "bias"))
+    convolutions = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"]))
+    classifier = 2048 * 1000 + 1000
+    assert convolutions + bn_affine + classifier == torchvision_count
 
 
 def test_pth_file_and_trainable_bn(tmp_path):

@@ -180,13 +180,17 @@ def _seed_int(seed: int) -> int:
 
 
 def _example_dataset(split: Split, data_config: ml_collections.ConfigDict, elements: tf.data.Dataset, *,
-                     short_sides: Sequence[int], random_flip: bool, seed: int, batch_size: int) -> tf.data.Dataset:
-    """(index, bucket, position, valid) elements -> batches of the batch dict."""
+                     short_sides: Sequence[int], random_flip: bool, seed: int, batch_size: int,
+                     flip_all: bool = False) -> tf.data.Dataset:
+    """(index, bucket, position, valid) elements -> batches of the batch dict; `flip_all` mirrors every image."""
     bucket_canvases = canvases(data_config)
     seed = _seed_int(seed)
 
     def load(index, bucket, position, valid):
         example = coco.decode_example(split.read(index))
+        if flip_all:
+            image, boxes = transforms.horizontal_flip(example["image"], example["boxes"])
+            example = {**example, "image": image, "boxes": boxes}
         example_seed = tf.stack([tf.constant(seed, tf.int64), position])
 
         def branch(canvas):
@@ -257,8 +261,12 @@ class EvalData:
 
 
 def eval_dataset(data_config: ml_collections.ConfigDict, *, batch_per_host: int, split_name: str | None = None,
-                 process_index: int | None = None, process_count: int | None = None) -> EvalData:
-    """The evaluation split for this host: every example once over all hosts, padded examples marked invalid."""
+                 process_index: int | None = None, process_count: int | None = None,
+                 horizontal_flip: bool = False) -> EvalData:
+    """The evaluation split for this host: every example once over all hosts, padded examples marked invalid.
+
+    `horizontal_flip` mirrors every image (and box) before resizing: a test-time augmentation view.
+    """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     split = open_split(data_config, split_name or data_config.eval_split)
@@ -268,5 +276,5 @@ def eval_dataset(data_config: ml_collections.ConfigDict, *, batch_per_host: int,
         batch_indices.reshape(-1), np.repeat(batch_buckets, batch_per_host).astype(np.int32),
         np.zeros(batch_indices.size, np.int64), batch_valid.reshape(-1)))
     dataset = _example_dataset(split, data_config, elements, short_sides=(data_config.eval_min_size,),
-                               random_flip=False, seed=0, batch_size=batch_per_host)
+                               random_flip=False, seed=0, batch_size=batch_per_host, flip_all=horizontal_flip)
     return EvalData(dataset, len(batch_buckets), split.num_examples, split.category_ids, split)

@@ -42,6 +42,9 @@ def build_detector(config: ml_collections.ConfigDict, anchors_per_location: int,
         norm=config.backbone.norm,
         frozen_stages=config.backbone.frozen_stages,
         width=config.backbone.width,
+        groups=config.backbone.groups,
+        width_per_group=config.backbone.width_per_group,
+        deformable_stages=tuple(config.backbone.deformable_stages),
         dtype=dtype,
         axis_name=axis_name,
     )
@@ -54,6 +57,7 @@ def build_detector(config: ml_collections.ConfigDict, anchors_per_location: int,
         use_group_norm=config.head.use_group_norm,
         use_centerness=config.head.use_centerness,
         use_scales=config.head.use_scales,
+        deformable_tower=config.head.deformable_tower,
         dtype=dtype,
     )
     return ATSSDetector(backbone=backbone, fpn=FPN(config.fpn_features, dtype), head=head)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from atss_jax.boxes import REGRESSIONS
+from atss_jax.models.deform_conv import ModulatedDeformConv
 from atss_jax.models.resnet import GroupNorm
 
 head_init = nn.initializers.normal(0.01)
@@ -32,7 +33,8 @@ class ATSSHead(nn.Module):
     (zeros when ``use_centerness`` is off).
 
     Attributes: the paper's Table 1 switches are ``use_group_norm``, ``use_centerness`` and
-    ``use_scales``; ``anchors_per_location`` is #A.
+    ``use_scales``; ``anchors_per_location`` is #A; ``deformable_tower`` makes the last conv of each
+    tower a DCNv2 (the official ``dcnv2`` configs, Table 8).
     """
 
     num_classes: int
@@ -43,6 +45,7 @@ class ATSSHead(nn.Module):
     use_group_norm: bool = True
     use_centerness: bool = True
     use_scales: bool = True
+    deformable_tower: bool = False
     prior_prob: float = 0.01
     dtype: jnp.dtype = jnp.float32
 
@@ -65,7 +68,11 @@ class ATSSHead(nn.Module):
         def tower(name: str) -> list[nn.Module]:
             layers = []
             for i in range(self.num_convs):
-                layers.append(conv(self.features, f"{name}_conv{i}"))
+                if self.deformable_tower and i == self.num_convs - 1:
+                    layers.append(ModulatedDeformConv(self.features, kernel_init=head_init, dtype=self.dtype,
+                                                      name=f"{name}_conv{i}"))
+                else:
+                    layers.append(conv(self.features, f"{name}_conv{i}"))
                 if self.use_group_norm:
                     layers.append(GroupNorm(self.dtype, name=f"{name}_norm{i}"))
                 layers.append(nn.relu)

@@ -1,9 +1,12 @@
-"""ImageNet-pretrained ResNet weights from a torchvision ``state_dict`` (.pth, or an .npz of it).
+"""ImageNet-pretrained ResNet/ResNeXt weights from a torchvision ``state_dict`` (.pth, or an .npz of it).
 
 torchvision names ``conv1``, ``bn1``, ``layer{s}.{i}.conv{j}``, ``layer{s}.{i}.bn{j}``,
 ``layer{s}.{i}.downsample.{0,1}`` map onto ``ResNet``'s ``conv1``, ``bn1``, ``layer{s}_{i}/...`` and
 ``downsample_conv``/``downsample_bn``; convolution kernels go from OIHW to HWIO. The .npz form
-(``scripts/convert_torchvision.py``) needs no torch at run time.
+(``scripts/convert_torchvision.py``) needs no torch at run time. ResNeXt's grouped kernels
+(``[O, I / groups, 3, 3]``) become flax's grouped HWIO kernels by the same transpose. A backbone with
+DCNv2 stages takes the plain network's weights: the 3x3 kernels load into the deformable layers and
+their offset predictors keep their zero initialisation (the official DCN models start this way).
 """
 
 from __future__ import annotations
@@ -110,7 +113,17 @@ def convert_resnet(
         filled.add((collection, *path, leaf))
     for collection, tree in backbone_variables.items():
         for path in _leaf_paths(tree):
-            if (collection, *path) not in filled:
+            if (collection, *path) in filled:
+                continue
+            if "conv_offset" in path:  # DCNv2 offset predictors are not in ImageNet weights: they start at zero
+                node = new[collection]
+                for part in path[:-1]:
+                    node = node.setdefault(part, {})
+                source = tree
+                for part in path:
+                    source = source[part]
+                node[path[-1]] = np.asarray(source, np.float32)
+            else:
                 problems.append(f"missing {collection}/{'/'.join(path)}")
     if problems:
         raise ValueError("pretrained backbone does not match the model: " + "; ".join(sorted(problems)[:20]))
