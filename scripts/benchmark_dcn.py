@@ -6,11 +6,13 @@ deformable layer includes its offset/mask convolution (3 x 9 channels), as in th
 
     python -m scripts.benchmark_dcn                                         # GPU / TPU
     python -m scripts.benchmark_dcn --height=50 --width=84 --batch=1        # this CPU, a smaller map
+    python -m scripts.benchmark_dcn --height=50 --width=84 --channels=1024 --groups=32   # X-101 C4 stage
 """
 
 import json
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,17 +23,16 @@ from atss_jax.models.deform_conv import ModulatedDeformConv
 _HEIGHT = flags.DEFINE_integer("height", 100, "Feature map height (P3 of an 800-pixel canvas).")
 _WIDTH = flags.DEFINE_integer("width", 168, "Feature map width (P3 of a 1344-pixel canvas).")
 _CHANNELS = flags.DEFINE_integer("channels", 256, "Input and output channels.")
+_GROUPS = flags.DEFINE_integer("groups", 1, "Grouped convolution (ResNeXt-101 32x8d's C4 stage: 1024 channels, 32).")
 _BATCH = flags.DEFINE_integer("batch", 2, "Images.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per variant (after one warm-up).")
 _OUT = flags.DEFINE_string("out", "benchmark_dcn.json", "JSON output.")
 
 
-def _layers(channels: int, dtype) -> dict[str, object]:
-    import flax.linen as nn
-
-    return {"conv3x3": nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype),
-            "dcnv2": ModulatedDeformConv(channels, dtype=dtype)}
+def _layers(channels: int, groups: int, dtype) -> dict[str, nn.Module]:
+    return {"conv3x3": nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=groups, dtype=dtype),
+            "dcnv2": ModulatedDeformConv(channels, feature_group_count=groups, dtype=dtype)}
 
 
 def main(argv) -> None:
@@ -40,7 +41,7 @@ def main(argv) -> None:
     rng = np.random.default_rng(0)
     inputs = jnp.asarray(rng.normal(size=(_BATCH.value, _HEIGHT.value, _WIDTH.value, _CHANNELS.value)), jnp.float32)
     functions = {}
-    for name, layer in _layers(_CHANNELS.value, dtype).items():
+    for name, layer in _layers(_CHANNELS.value, _GROUPS.value, dtype).items():
         params = layer.init(jax.random.key(0), inputs)["params"]
         if name == "dcnv2":  # trained offsets: taps between pixels, as after training (not the zero init)
             offset = params["conv_offset"]
@@ -68,7 +69,7 @@ def main(argv) -> None:
             jax.block_until_ready(compiled(params, inputs))
             times[key].append(time.perf_counter() - start)
     device = jax.devices()[0].device_kind
-    shape = f"{_BATCH.value}x{_HEIGHT.value}x{_WIDTH.value}x{_CHANNELS.value}"
+    shape = f"{_BATCH.value}x{_HEIGHT.value}x{_WIDTH.value}x{_CHANNELS.value}, groups {_GROUPS.value}"
     rows = []
     print(f"DCNv2 vs 3x3 conv, input {shape}, {_DTYPE.value}, {device}, median of {_REPEATS.value}")
     print("| pass | conv3x3 ms | dcnv2 ms | time ratio | conv3x3 GFLOPs | dcnv2 GFLOPs |")
