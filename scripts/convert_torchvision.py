@@ -1,6 +1,7 @@
-r"""Converts a torchvision ResNet checkpoint (.pth) into an .npz state_dict, so training needs no torch.
+r"""Converts a torchvision ResNet or ResNeXt checkpoint (.pth) into an .npz state_dict, so training needs no torch.
 
 python -m scripts.convert_torchvision resnet50-0676ba61.pth resnet50.npz
+python -m scripts.convert_torchvision resnext101_32x8d-8ba56ff5.pth x101_32x8d.npz
 """
 
 import sys
