@@ -1,5 +1,6 @@
 r"""DCNv2 against a plain 3x3 convolution at the head's size: forward and forward+backward time, FLOPs
-(XLA's cost analysis) and the ratio, interleaved, medians. Prints a table and writes a JSON.
+(XLA's cost analysis), temporary memory (XLA's memory analysis) and the time ratio, interleaved,
+medians. Prints a table and writes a JSON.
 
 The default is the head's P3 level at 800x1344 (100 x 168 x 256 -> 256, batch 2 per device); the
 deformable layer includes its offset/mask convolution (3 x 9 channels), as in the detector.
@@ -59,12 +60,14 @@ def main(argv) -> None:
             compiled = jax.jit(fn).lower(params, inputs).compile()
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, list) else cost
-            functions[(name, mode)] = (compiled, params, float(cost.get("flops", 0.0)))
+            memory = compiled.memory_analysis()
+            temp_mib = memory.temp_size_in_bytes / 2**20 if memory is not None else float("nan")
+            functions[(name, mode)] = (compiled, params, float(cost.get("flops", 0.0)), temp_mib)
     times = {key: [] for key in functions}
-    for compiled, params, _ in functions.values():  # warm-up
+    for compiled, params, _, _ in functions.values():  # warm-up
         jax.block_until_ready(compiled(params, inputs))
     for _ in range(_REPEATS.value):
-        for key, (compiled, params, _) in functions.items():
+        for key, (compiled, params, _, _) in functions.items():
             start = time.perf_counter()
             jax.block_until_ready(compiled(params, inputs))
             times[key].append(time.perf_counter() - start)
@@ -72,15 +75,18 @@ def main(argv) -> None:
     shape = f"{_BATCH.value}x{_HEIGHT.value}x{_WIDTH.value}x{_CHANNELS.value}, groups {_GROUPS.value}"
     rows = []
     print(f"DCNv2 vs 3x3 conv, input {shape}, {_DTYPE.value}, {device}, median of {_REPEATS.value}")
-    print("| pass | conv3x3 ms | dcnv2 ms | time ratio | conv3x3 GFLOPs | dcnv2 GFLOPs |")
-    print("|---|---|---|---|---|---|")
+    print("| pass | conv3x3 ms | dcnv2 ms | time ratio | conv3x3 GFLOPs | dcnv2 GFLOPs | conv3x3 temp MiB | "
+          "dcnv2 temp MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode in ("forward", "forward+backward"):
         plain, deform = (1e3 * float(np.median(times[(n, mode)])) for n in ("conv3x3", "dcnv2"))
         plain_flops, deform_flops = (functions[(n, mode)][2] / 1e9 for n in ("conv3x3", "dcnv2"))
+        plain_mib, deform_mib = (functions[(n, mode)][3] for n in ("conv3x3", "dcnv2"))
         rows.append({"pass": mode, "conv3x3_ms": plain, "dcnv2_ms": deform, "ratio": deform / plain,
-                     "conv3x3_gflops": plain_flops, "dcnv2_gflops": deform_flops})
+                     "conv3x3_gflops": plain_flops, "dcnv2_gflops": deform_flops,
+                     "conv3x3_temp_mib": plain_mib, "dcnv2_temp_mib": deform_mib})
         print(f"| {mode} | {plain:.1f} | {deform:.1f} | {deform / plain:.2f}x | {plain_flops:.1f} | "
-              f"{deform_flops:.1f} |")
+              f"{deform_flops:.1f} | {plain_mib:.0f} | {deform_mib:.0f} |")
     with open(_OUT.value, "w") as f:
         json.dump({"device": device, "input": shape, "dtype": _DTYPE.value, "rows": rows}, f, indent=1)
 

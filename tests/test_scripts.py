@@ -73,3 +73,13 @@ def test_sweep_k_prints_commands_and_collects(tmp_path):
                   "--collect_only"]).stdout
     assert "| 5 | 25.0 |" in table and "| 9 | 50.0 |" in table
     assert (tmp_path / "sweep_k.png").stat().st_size > 1000
+
+
+def test_benchmark_dcn_writes_its_table(tmp_path):
+    out = tmp_path / "dcn.json"
+    printed = _run(["-m", "scripts.benchmark_dcn", "--height=12", "--width=16", "--channels=8", "--groups=2",
+                    "--batch=1", "--repeats=2", f"--out={out}"]).stdout
+    assert "| forward |" in printed and "| forward+backward |" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["pass"] for row in rows] == ["forward", "forward+backward"]
+    assert all(row["dcnv2_ms"] > 0 and row["dcnv2_gflops"] > row["conv3x3_gflops"] for row in rows)
