@@ -86,6 +86,26 @@ def _window_lines(
     return line[..., 1:-1], squared[..., 1:-1], valid[..., 1:-1], squared[..., [0, -1]]
 
 
+def _k_smallest(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k smallest entries along the LEADING axis, smallest first, ties to the lower position (as
+    ``lax.top_k`` of the negated values along a last axis; positions of infinite values are unspecified).
+
+    ``values [N, ...] -> ([..., k], [..., k] int32)``. k rounds of (min, first position of the min, remove
+    it), each a vectorised pass over the trailing axes; on XLA:CPU that is 1.5x faster than ``lax.top_k``,
+    whose cost is mostly per row.
+    """
+    size = values.shape[0]
+    position = jnp.arange(size, dtype=jnp.int32).reshape(size, *([1] * (values.ndim - 1)))
+    smallest, where = [], []
+    for _ in range(k):
+        value = jnp.min(values, axis=0)
+        first = jnp.min(jnp.where(values == value, position, size), axis=0)
+        smallest.append(value)
+        where.append(first)
+        values = jnp.where(position == first, jnp.inf, values)
+    return jnp.stack(smallest, -1), jnp.stack(where, -1)
+
+
 def _valid_extent(grid: AnchorGrid, anchor_valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Valid columns ``[L]``, valid rows ``[L]``, and whether every level's mask is that rectangle."""
     num_cols, num_rows, rectangular = [], [], []
@@ -127,14 +147,16 @@ def _window_candidates(
     cols, col_sq, col_valid, col_beyond = _window_lines(centers[0], stride, num_cols[:, None], topk)
     rows, row_sq, row_valid, row_beyond = _window_lines(centers[1], stride, num_rows[:, None], topk)
 
-    # Row-major [rows, cols]; the same addition as the reference's dx * dx + dy * dy.
-    sq_distance = row_sq[..., :, None] + col_sq[..., None, :]
-    sq_distance = jnp.where(row_valid[..., :, None] & col_valid[..., None, :], sq_distance, jnp.inf)
+    # Window cells row-major along a leading axis [rows * cols, L, G]; the same addition as the reference's
+    # dx * dx + dy * dy.
     window = cols.shape[-1]
-    neg_sq, position = jax.lax.top_k(-sq_distance.reshape(*sq_distance.shape[:2], -1), topk)
+    row_sq_t, row_valid_t = (jnp.moveaxis(x, -1, 0)[:, None] for x in (row_sq, row_valid))
+    col_sq_t, col_valid_t = (jnp.moveaxis(x, -1, 0)[None] for x in (col_sq, col_valid))
+    sq_distance = jnp.where(row_valid_t & col_valid_t, row_sq_t + col_sq_t, jnp.inf)
+    nearest_sq, position = _k_smallest(sq_distance.reshape(window * window, *sq_distance.shape[2:]), topk)
     row = jnp.take_along_axis(rows, position // window, axis=-1)
     col = jnp.take_along_axis(cols, position % window, axis=-1)
-    slot_valid = jnp.isfinite(neg_sq)
+    slot_valid = jnp.isfinite(nearest_sq)
     location = jnp.where(slot_valid, row * width + col, 0)  # [L, G, k], nearest first
 
     # Every location outside the window is no nearer than the next column beyond it at the nearest
@@ -143,7 +165,7 @@ def _window_candidates(
         jnp.min(col_beyond + jnp.min(row_sq, axis=-1, keepdims=True), axis=-1),
         jnp.min(row_beyond + jnp.min(col_sq, axis=-1, keepdims=True), axis=-1),
     )
-    kth_sq = -jnp.min(neg_sq, axis=-1)  # a reduction, not a slice: XLA turns sliced top_k into a sort
+    kth_sq = nearest_sq[..., -1]
     exact = rectangular & jnp.all((kth_sq < bound) | jnp.isinf(bound), axis=0)
 
     offsets = np.cumsum((0, *grid.level_sizes[:-1])).astype(np.int32)[:, None, None, None]
