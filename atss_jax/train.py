@@ -265,7 +265,7 @@ def run_evaluation(config: ml_collections.ConfigDict, variables: dict, eval_fn: 
             view_predictions.append(predictions)
         predictions = {**view_predictions[0], **tta.merge_views(
             view_predictions, iou_threshold=config.eval.nms_iou_threshold, max_detections=config.eval.max_detections)}
-        drawn = []  # views differ in size; the drawn images come from plain evaluation
+        drawn = []  # nothing drawn with TTA: the views differ in size and only the merge is final
     else:
         data, predictions, drawn = predict_split(
             config.data, variables, eval_fn, mesh, per_host, num_images_to_draw=config.eval.num_images_to_draw,
