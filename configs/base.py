@@ -137,3 +137,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.tta.flip = False
 
     return config.lock()
+
+
+def with_dcnv2(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with modulated deformable convolutions where the paper's DCN rows (and the official
+    ``dcnv2`` configs) put them: the 3x3 convs of stages 2-4 (C3-C5) and the last conv of each head tower."""
+    config.model.backbone.deformable_stages = (2, 3, 4)
+    config.model.head.deformable_tower = True
+    return config

@@ -118,8 +118,7 @@ def test_resnext_dcn_detector_places_deformable_convs_where_the_paper_does():
     config.model.backbone.width = 8
     config.model.backbone.groups = 4
     config.model.backbone.width_per_group = 16
-    config.model.backbone.deformable_stages = (2, 3, 4)
-    config.model.head.deformable_tower = True
+    base.with_dcnv2(config)
     model = build_detector(config.model, anchors_per_location=1)
     image = jnp.zeros((1, 64, 96, 3), jnp.uint8)
     variables = jax.eval_shape(model.init, jax.random.key(0), image)
