@@ -106,23 +106,14 @@ def convert_resnet(
         if tuple(expected.shape) != tuple(value.shape):
             problems.append(f"{key}: shape {tuple(value.shape)} does not fit {tuple(expected.shape)}")
             continue
-        node = new[collection]
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = np.asarray(value, np.float32)
+        _set_leaf(new[collection], (*path, leaf), value)
         filled.add((collection, *path, leaf))
     for collection, tree in backbone_variables.items():
-        for path in _leaf_paths(tree):
+        for path, initial in _leaves(tree):
             if (collection, *path) in filled:
                 continue
             if "conv_offset" in path:  # DCNv2 offset predictors are not in ImageNet weights: they start at zero
-                node = new[collection]
-                for part in path[:-1]:
-                    node = node.setdefault(part, {})
-                source = tree
-                for part in path:
-                    source = source[part]
-                node[path[-1]] = np.asarray(source, np.float32)
+                _set_leaf(new[collection], path, initial)
             else:
                 problems.append(f"missing {collection}/{'/'.join(path)}")
     if problems:
@@ -130,14 +121,22 @@ def convert_resnet(
     return new
 
 
-def _leaf_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    paths = []
+def _leaves(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """(path, value) of every leaf of a nested mapping."""
+    leaves = []
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            paths.extend(_leaf_paths(value, (*prefix, key)))
+            leaves.extend(_leaves(value, (*prefix, key)))
         else:
-            paths.append((*prefix, key))
-    return paths
+            leaves.append(((*prefix, key), value))
+    return leaves
+
+
+def _set_leaf(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    """``tree[path[0]][path[1]]... = value`` as float32, creating the intermediate dicts."""
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = np.asarray(value, np.float32)
 
 
 def load_pretrained_backbone(variables: Mapping[str, Any], path: str, norm: str) -> dict[str, Any]:
