@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from atss_jax import boxes as box_lib
 from atss_jax.anchors import anchor_valid_mask, make_anchor_grid
 from atss_jax.assigners import atss_grid
-from atss_jax.assigners.atss import atss_assign
+from atss_jax.assigners.atss import atss_assign, level_candidates
 from tests import cases
 
 NINE_ANCHORS = dict(scales=(1.0, 2 ** (1 / 3), 2 ** (2 / 3)), aspect_ratios=(0.5, 1.0, 2.0))
@@ -50,7 +51,7 @@ def test_equals_reference_on_random_cases(anchor_kwargs, topk, count):
     canvas = (96, 128)
     grid = make_anchor_grid(canvas, **anchor_kwargs)
     exact, gt_index = _compare(grid, cases.stack(cases.random_cases(100 + topk, count, canvas, 8)), topk)
-    assert exact.all(), "the window should be provably exact on ordinary inputs (no fallback)"
+    assert exact.all(), "the star should be provably exact on ordinary inputs (no fallback)"
     assert (gt_index >= 0).sum() > count
 
 
@@ -99,15 +100,74 @@ def test_integer_boxes_with_exact_distance_ties(topk):
     assert exact.all()
 
 
-def test_falls_back_to_the_reference_when_the_window_cannot_be_proven():
+def _candidates(grid, anchor_valid, gt_boxes, topk):
+    """The star's candidates ``[G, K]`` (-1 in masked slots) and its per-box exactness check."""
+    centers = box_lib.box_centers(jnp.asarray(gt_boxes))
+    candidates, mask, exact = jax.jit(atss_grid._star_candidates, static_argnums=(0, 3))(
+        grid, anchor_valid, centers, topk
+    )
+    return np.where(mask, candidates, -1), np.asarray(exact)
+
+
+def _reference_candidates(grid, anchor_valid, gt_boxes, topk):
+    """The reference's top-k candidates ``[G, K]``, -1 where the level has fewer valid anchors."""
+    centers = box_lib.box_centers(jnp.asarray(gt_boxes))
+    candidates = level_candidates(
+        grid.centers, anchor_valid, centers, grid.level_sizes, topk * grid.anchors_per_location
+    )
+    return np.where(np.asarray(anchor_valid)[candidates], candidates, -1)
+
+
+@pytest.mark.parametrize("anchor_kwargs, topk", [({}, 1), ({}, 9), ({}, 25), (NINE_ANCHORS, 4), (NINE_ANCHORS, 9)])
+def test_candidates_equal_the_reference_wherever_the_check_passes(anchor_kwargs, topk):
+    # The check is the proof: where it passes, the star's candidates are the reference's, in its order. Centres
+    # 1e4 to 1e7 px away (float32 offsets rounding together) and integer ones (exact ties) included.
+    canvas = (96, 128)
+    grid = make_anchor_grid(canvas, **anchor_kwargs)
+    rng = np.random.default_rng(topk)
+    passed = 0
+    for case in cases.random_cases(topk, 60, canvas, 12):
+        boxes = case.gt_boxes.copy()
+        boxes[::5] += rng.choice([-1.0, 1.0], (len(boxes[::5]), 1)) * rng.choice([1e4, 1e5, 1e6, 1e7])
+        anchor_valid = anchor_valid_mask(grid.centers, case.image_size[None])[0]
+        star, exact = _candidates(grid, anchor_valid, boxes, topk)
+        reference = _reference_candidates(grid, anchor_valid, boxes, topk)
+        np.testing.assert_array_equal(star[exact], reference[exact])
+        passed += exact.sum()
+    assert passed > 0.5 * 60 * 12  # the fast path stays the common one
+
+
+def test_exact_ties_stay_on_the_fast_path():
+    # The star's margin is sized so that exact distance ties with the k-th nearest location lie inside it:
+    # centres on a 1/16-cell grid, in the interior and at the borders of the valid region.
+    grid = make_anchor_grid((96, 128))
+    fraction = np.arange(16) / 16
+    xs = ((np.asarray([0, 1, 7, 15])[:, None] + fraction) * 8).ravel()
+    ys = ((np.asarray([0, 1, 5, 11])[:, None] + fraction) * 8).ravel()
+    centers = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2).astype(np.float32)
+    boxes = np.concatenate([centers - 3, centers + 3], -1)
+    anchor_valid = anchor_valid_mask(grid.centers, np.asarray([96, 128])[None])[0]
+    for topk in (*range(1, 14), 16, 25):
+        _, exact = _candidates(grid, anchor_valid, boxes, topk)
+        assert exact.all(), f"k={topk}: {np.sum(~exact)} of {len(exact)} centres off the fast path"
+
+
+def test_falls_back_to_the_reference_when_the_star_cannot_be_proven():
     canvas = (96, 128)
     grid = make_anchor_grid(canvas)
-    far = np.asarray([[[1e6, 40.0, 1e6 + 10, 50.0], [10.0, 10.0, 50.0, 50.0]]], np.float32)
+    # 1e6 px below the image float32 rounds the column offsets away: all 16 columns of the last row tie,
+    # the reference takes the 9 of lowest index, and the star (12 columns around x = 100) cannot prove it.
+    far = np.asarray([[[95.0, 1e6, 105.0, 1e6 + 10], [10.0, 10.0, 50.0, 50.0]]], np.float32)
     batch = cases.Case(far, np.ones((1, 2), bool), np.asarray([[96, 128]], np.int32))
     exact, _ = _compare(grid, batch, 9)
-    assert not exact.any()  # float32 distances collapse 1e6 px away: the reference answers
+    assert not exact.any()
+    # Unchecked, the star's candidates would be wrong there; the check says so.
+    anchor_valid = anchor_valid_mask(grid.centers, batch.image_size)[0]
+    star, star_exact = _candidates(grid, anchor_valid, far[0, :1], 9)
+    assert not np.array_equal(star, _reference_candidates(grid, anchor_valid, far[0, :1], 9))
+    assert not star_exact.any()
 
-    # A valid mask that is not a top-left rectangle breaks the window's premise: reference again.
+    # A valid mask that is not a top-left rectangle breaks the star's premise: reference again.
     holes = np.asarray(anchor_valid_mask(grid.centers, batch.image_size)).copy()
     holes[0, ::7] = False
     normal = cases.Case(far[:, 1:], np.ones((1, 1), bool), batch.image_size)

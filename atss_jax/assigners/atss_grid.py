@@ -1,13 +1,15 @@
 """Grid-aware ATSS: the same assignment as ``atss.atss_assign``, at a cost independent of the anchors.
 
 The reference ranks every anchor of a level for every box (a top-k over ``[G, A_l]``). Anchors lie
-on a regular grid, so the k nearest locations of a box lie in a small window of cells: per box and
-level this takes squared distances to a ``(k + 2) x (k + 2)`` window of locations (all levels in
-one array), a top-k over those, IoUs for the ``k * #A`` candidates, and resolves boxes that share an
-anchor by scattering into the ``[A]`` output. Nothing of size ``[G, A]`` is built.
+on a regular grid, so per box and level this orders the valid columns by distance from the box
+centre and the valid rows likewise (closed-form, no sort), takes the k nearest locations among a
+small "star" of (column rank, row rank) pairs, computes IoUs for those ``k * #A`` candidates only,
+and resolves boxes that share an anchor by scattering into the ``[A]`` output. Nothing of size
+``[G, A]`` is built: the star has about ``(k + 3) ln(k + 3)`` locations (35 for k = 9, where the
+reference ranks all 16,800 of P3 at 800x1344).
 
-Why the window holds the true k nearest valid locations
--------------------------------------------------------
+Why the star holds the k nearest valid locations
+------------------------------------------------
 Valid anchors are those whose centre lies inside the resized image, so on each level the valid
 locations form a rectangle of ``nx`` columns x ``ny`` rows in the top-left corner of the grid (the
 function checks this on the mask it is given). All anchors of a location share its centre exactly
@@ -15,31 +17,32 @@ function checks this on the mask it is given). All anchors of a location share i
 anchors by (distance, index) is ranking locations by (distance, location index), each location then
 expanded to its ``#A`` anchors.
 
-Claim: if location (column i, row j) is among the k nearest valid locations, then i is among the k
-nearest valid columns, ranked by (|dx|, column), and j among the k nearest valid rows.
-Proof: suppose k valid columns i' precede i in that ranking. The rectangle makes every (i', j)
-valid; each is no farther than (i, j) (same dy, |dx'| <= |dx|) and, when equally far, has the
-lower column and so the lower index. So k locations precede (i, j): it is not among the k nearest.
-Rows likewise (a lower row also means a lower index).
+List the valid columns nearest first (the nearest, then outwards, one side after the other while
+both have columns left) and the rows likewise. If a location's column is the a-th and its row the
+b-th of these lists (counting from 1), the a * b locations pairing one of the first a columns with
+one of the first b rows are valid (the rectangle) and no farther from the centre (each offset is no
+larger). So a location with a * b > k has at least k others no farther: apart from exact ties it is
+not among the k nearest. The star is every pair with ``a * b <= k + 3``; the 3 extra keep exact
+ties with the k-th nearest inside it, so pixel-aligned boxes, whose distances tie often, stay on
+this path (tested for box centres on a 1/16-cell grid, inside and at the borders of the valid
+region, k = 1 to 13, 16 and 25).
 
-The k nearest valid columns to the centre's cell coordinate ``t = cx / stride - 0.5`` are a run
-``[a, a + k)`` with ``a = clip(ceil(t - k / 2), 0, nx - k)`` (distance along a line is unimodal;
-``ceil`` sends exact ties to the lower column). The window takes that run and one more column on
-each side, clipped into ``[0, nx)``; rows likewise. A level narrower than the window is covered
-whole (the window is padded with invalid cells, so every level has the same window shape); a centre
-near or beyond the border of the valid region (image corners, padding, outside the canvas) moves the
-window inward; a level with fewer than k valid locations gives all of them. Window cells are in
-row-major order, which is location-index order, so ``top_k`` breaks distance ties as the reference.
-
-Floating point: distances are computed exactly as the reference computes them, and rounding is
-monotone, so every location outside the window is no nearer than the next column beyond the window
-at the nearest valid row, or the next row beyond it at the nearest valid column. The window is
-provably exact when the k-th candidate is strictly nearer than those few cells. The extra line on
-each side puts real ties and near-ties inside the window, so this holds except where float32
-distances collapse (a box centre tens of thousands of pixels from the anchors). The function checks
-it for every valid box and level, and checks that the valid mask is a top-left rectangle; if a check
-fails anywhere in the batch it returns the reference assigner's result instead (``lax.cond``: the
-reference is computed only then, one image at a time). The answer is the reference's in every case.
+That argument is the motivation; the guarantee is a check on the float32 distances themselves, the
+same numbers the reference compares. Rounding is monotone, so a location at list positions (a, b)
+is no nearer than ``fl(c_a + r_b)``, with ``c_a`` the smallest squared column offset at position a
+or later in the list (a suffix minimum, which stays a lower bound even where rounding makes the
+list's order imperfect) and ``r_b`` likewise. Columns not in the list lie beyond its two ends, so
+by the same monotonicity they are no nearer than the end columns' neighbours (if those lie on the
+far side of the centre; otherwise the bound is 0). Every location outside the star is at or beyond
+(component-wise) one of the few minimal pairs just outside it, so their bound is a lower bound for
+all of them. When the k-th nearest location of the star is strictly nearer than that bound, the
+star's k nearest (ties broken by location index, as the reference does) are the level's k nearest.
+The function checks this for every valid box and level, and checks that the valid mask is a
+top-left rectangle; if a check fails anywhere in the batch it returns the reference assigner's
+result instead (``lax.cond``: the reference is computed only then, one image at a time). This
+happens only where float32 distances collapse (a box centre tens of thousands of pixels from the
+anchors) or a distance ties the k-th to within float32 rounding outside the star. The answer is the
+reference's in every case.
 """
 
 from __future__ import annotations
@@ -55,55 +58,77 @@ from atss_jax.anchors import AnchorGrid
 from atss_jax.assigners.atss import assign_candidates, atss_assign
 from atss_jax.assigners.result import AssignResult
 
-# Lines beyond the k nearest on each side of the window, so that near-ties across its edge stay in.
-_WINDOW_MARGIN = 1
+# Pairs beyond a * b <= k in the star, so that exact distance ties with the k-th nearest stay inside.
+_STAR_MARGIN = 3
 
 
-def _window_lines(
-    center: jax.Array, stride: np.ndarray, num_valid: jax.Array, topk: int
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """The window's columns (or rows): the k nearest valid ones and a margin, ascending.
+def _star(topk: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """The star, as the number of row positions it takes at each column position (0-based a: the
+    ``b < (k + margin) // (a + 1)``), and the minimal (column, row) position pairs outside it.
+
+    Positions run to ``R = k + _STAR_MARGIN``; position R stands for every line beyond the list. Every
+    pair of ``[0, R]^2`` not in the star is component-wise at or beyond one of the minimal pairs.
+    """
+    limit = topk + _STAR_MARGIN
+    rows = [limit // (a + 1) for a in range(limit + 1)]  # non-increasing; rows[limit] = 0
+    outside = [(a, rows[a]) for a in range(limit + 1) if a == 0 or rows[a] < rows[a - 1]]
+    return rows[:limit], outside
+
+
+def _nearest_lines(
+    center: jax.Array, stride: np.ndarray, num_valid: jax.Array, count: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``count`` valid columns (or rows) nearest a coordinate, nearest first.
 
     Args:
       center: ``[L, G]`` box centre coordinate, pixels.
       stride: ``[L, 1]`` each level's stride; line l's centre is ``(l + 0.5) * stride``.
-      num_valid: ``[L, 1]`` lines ``[0, num_valid)`` are valid.
-      topk: k.
+      num_valid: ``[L, 1]`` int32; lines ``[0, num_valid)`` are valid.
+      count: how many lines to list.
 
     Returns:
-      ``line [L, G, k + 2]`` int32, ``squared_offset`` (from the centre, as the reference computes
-      it) and ``valid`` of the same shape, and ``beyond_squared [L, G, 2]``: the squared offset of
-      the next valid line before and after the window, inf where there is none.
+      ``line [count, L, G]`` int32; ``squared [count, L, G]`` float32, each line's squared offset from
+      the centre as the reference computes it (inf past the valid lines); ``floor [count + 1, L, G]``:
+      ``floor[j]`` is no more than the squared offset of any valid line at list position j or later,
+      ``floor[count]`` of any line not listed.
     """
-    size = topk + 2 * _WINDOW_MARGIN
-    start = jnp.ceil(center / stride - 0.5 - topk / 2) - _WINDOW_MARGIN
-    start = jnp.clip(start, 0, jnp.maximum(num_valid - size, 0)).astype(jnp.int32)
-    line = start[..., None] + jnp.arange(-1, size + 1)  # the window and one line beyond each end
 
-    offset = center[..., None] - (line + 0.5).astype(jnp.float32) * stride[..., None]
-    valid = (line >= 0) & (line < num_valid[..., None])
-    squared = jnp.where(valid, offset * offset, jnp.inf)
-    return line[..., 1:-1], squared[..., 1:-1], valid[..., 1:-1], squared[..., [0, -1]]
+    def squared_offset(line):  # and whether a valid line lies on the centre's side of `nearest`
+        offset = center - (line + 0.5).astype(jnp.float32) * stride
+        valid = (line >= 0) & (line < num_valid)
+        misplaced = valid & jnp.where(line < nearest, offset < 0, offset > 0)
+        return jnp.where(valid, offset * offset, jnp.inf), misplaced
 
+    last = jnp.maximum(num_valid - 1, 0)
+    nearest = jnp.clip(jnp.ceil(center / stride - 1.0), 0, last).astype(jnp.int32)
+    # Outwards from the nearest line, one side after the other; the nearer neighbour's side first (exact
+    # ties: the lower line, as the reference's index order); once a side runs out, the other side alone.
+    right_first = squared_offset(nearest + 1)[0] < squared_offset(nearest - 1)[0]
+    step = jnp.where(right_first, 1, -1)
+    room_first = jnp.where(right_first, last - nearest, nearest)
+    room_other = jnp.where(right_first, nearest, last - nearest)
+    both = jnp.minimum(room_first, room_other)
+    position = jnp.arange(count, dtype=jnp.int32)[:, None, None]
+    alternating = position <= 2 * both
+    depth = jnp.where(alternating, (position + 1) // 2, position - both)
+    alternate_side = jnp.where(position % 2 == 1, step, -step)
+    side = jnp.where(alternating, alternate_side, jnp.where(room_first <= room_other, -step, step))
+    line = nearest + side * depth
+    squared = squared_offset(line)[0]
 
-def _k_smallest(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """The k smallest entries along the LEADING axis, smallest first, ties to the lower position (as
-    ``lax.top_k`` of the negated values along a last axis; positions of infinite values are unspecified).
-
-    ``values [N, ...] -> ([..., k], [..., k] int32)``. k rounds of (min, first position of the min, remove
-    it), each a vectorised pass over the trailing axes; on XLA:CPU that is 1.5x faster than ``lax.top_k``,
-    whose cost is mostly per row.
-    """
-    size = values.shape[0]
-    position = jnp.arange(size, dtype=jnp.int32).reshape(size, *([1] * (values.ndim - 1)))
-    smallest, where = [], []
-    for _ in range(k):
-        value = jnp.min(values, axis=0)
-        first = jnp.min(jnp.where(values == value, position, size), axis=0)
-        smallest.append(value)
-        where.append(first)
-        values = jnp.where(position == first, jnp.inf, values)
-    return jnp.stack(smallest, -1), jnp.stack(where, -1)
+    # Unlisted lines lie beyond the listed run's ends: no nearer than the line just past each end if that
+    # line lies beyond the centre too (rounding is monotone); a bound of 0 otherwise, which fails the check.
+    listed = squared < jnp.inf
+    ends = (
+        jnp.min(jnp.where(listed, line, num_valid), axis=0) - 1,
+        jnp.max(jnp.where(listed, line, -1), axis=0) + 1,
+    )
+    beyond = jnp.inf
+    for end in ends:
+        end_squared, misplaced = squared_offset(end)
+        beyond = jnp.minimum(beyond, jnp.where(misplaced, 0.0, end_squared))
+    floor = jax.lax.cummin(jnp.concatenate([squared, beyond[None]]), axis=0, reverse=True)
+    return line, squared, floor
 
 
 def _valid_extent(grid: AnchorGrid, anchor_valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -122,7 +147,7 @@ def _valid_extent(grid: AnchorGrid, anchor_valid: jax.Array) -> tuple[jax.Array,
     return jnp.stack(num_cols), jnp.stack(num_rows), jnp.all(jnp.stack(rectangular))
 
 
-def _window_candidates(
+def _star_candidates(
     grid: AnchorGrid, anchor_valid: jax.Array, gt_centers: jax.Array, topk: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Every level's k nearest valid locations of each box, for one image (all levels at once).
@@ -137,39 +162,43 @@ def _window_candidates(
       ``candidates [G, K]`` int32 anchor indices with ``K = sum_l min(k, cells_l) * #A`` in the
       reference's order, ``candidate_mask [G, K]`` (False for slots of levels with fewer than k
       valid locations), and ``exact [G]`` bool: the valid mask is a top-left rectangle and, on
-      every level, the k-th candidate is strictly nearer than every location outside the window.
+      every level, the k-th candidate is strictly nearer than every location outside the star.
     """
-    num_boxes = gt_centers.shape[0]
+    num_boxes, num_levels = gt_centers.shape[0], len(grid.strides)
     num_cols, num_rows, rectangular = _valid_extent(grid, anchor_valid)
     stride = np.asarray(grid.strides, np.float32)[:, None]
-    width = np.asarray([w for _, w in grid.level_shapes], np.int32)[:, None, None]
+    width = np.asarray([w for _, w in grid.level_shapes], np.int32)[:, None]
     centers = jnp.broadcast_to(gt_centers.T[:, None, :], (2, len(grid.strides), num_boxes))
-    cols, col_sq, col_valid, col_beyond = _window_lines(centers[0], stride, num_cols[:, None], topk)
-    rows, row_sq, row_valid, row_beyond = _window_lines(centers[1], stride, num_rows[:, None], topk)
+    star_rows, outside = _star(topk)
+    count = topk + _STAR_MARGIN
+    col, col_sq, col_floor = _nearest_lines(centers[0], stride, num_cols[:, None], count)
+    row, row_sq, row_floor = _nearest_lines(centers[1], stride, num_rows[:, None], count)
 
-    # Window cells row-major along a leading axis [rows * cols, L, G]; the same addition as the reference's
-    # dx * dx + dy * dy.
-    window = cols.shape[-1]
-    row_sq_t, row_valid_t = (jnp.moveaxis(x, -1, 0)[:, None] for x in (row_sq, row_valid))
-    col_sq_t, col_valid_t = (jnp.moveaxis(x, -1, 0)[None] for x in (col_sq, col_valid))
-    sq_distance = jnp.where(row_valid_t & col_valid_t, row_sq_t + col_sq_t, jnp.inf)
-    nearest_sq, position = _k_smallest(sq_distance.reshape(window * window, *sq_distance.shape[2:]), topk)
-    row = jnp.take_along_axis(rows, position // window, axis=-1)
-    col = jnp.take_along_axis(cols, position % window, axis=-1)
+    # The star's locations along a leading axis [n, L, G], built from slices (a gather is slower on XLA:CPU);
+    # the same addition as the reference's dx * dx + dy * dy.
+    sq_distance = jnp.concatenate([col_sq[a] + row_sq[:rows] for a, rows in enumerate(star_rows)])
+    location = jnp.concatenate([row[:rows] * width + col[a] for a, rows in enumerate(star_rows)])
+    # k rounds of (nearest, lowest location index among equals, remove it): the reference's order. Each is
+    # one vectorised pass over the star; XLA:CPU's top_k costs far more per row.
+    sq_distance = sq_distance.reshape(len(sq_distance), -1)
+    location = location.reshape(len(location), -1)
+    nearest_sq, nearest = [], []
+    for _ in range(topk):
+        value = jnp.min(sq_distance, axis=0)
+        first = jnp.min(jnp.where(sq_distance == value, location, np.iinfo(np.int32).max), axis=0)
+        nearest_sq.append(value)
+        nearest.append(first)
+        sq_distance = jnp.where(location == first, jnp.inf, sq_distance)
+    nearest_sq = jnp.stack(nearest_sq, -1).reshape(num_levels, num_boxes, topk)
+    nearest = jnp.stack(nearest, -1).reshape(num_levels, num_boxes, topk)  # [L, G, k]
     slot_valid = jnp.isfinite(nearest_sq)
-    location = jnp.where(slot_valid, row * width + col, 0)  # [L, G, k], nearest first
 
-    # Every location outside the window is no nearer than the next column beyond it at the nearest
-    # valid row, or the next row beyond it at the nearest valid column (rounding is monotone).
-    bound = jnp.minimum(
-        jnp.min(col_beyond + jnp.min(row_sq, axis=-1, keepdims=True), axis=-1),
-        jnp.min(row_beyond + jnp.min(col_sq, axis=-1, keepdims=True), axis=-1),
-    )
-    kth_sq = nearest_sq[..., -1]
-    exact = rectangular & jnp.all((kth_sq < bound) | jnp.isinf(bound), axis=0)
+    bound = jnp.min(jnp.stack([col_floor[a] + row_floor[b] for a, b in outside]), axis=0)
+    exact = rectangular & jnp.all((nearest_sq[..., -1] < bound) | jnp.isinf(bound), axis=0)
 
     offsets = np.cumsum((0, *grid.level_sizes[:-1])).astype(np.int32)[:, None, None, None]
     per_location = grid.anchors_per_location
+    location = jnp.where(slot_valid, nearest, 0)
     candidates = offsets + location[..., None] * per_location + jnp.arange(per_location)  # [L, G, k, #A]
     mask = jnp.broadcast_to(slot_valid[..., None], candidates.shape)
 
@@ -183,10 +212,10 @@ def _window_candidates(
 def _assign_image(
     grid: AnchorGrid, anchor_valid: jax.Array, gt_boxes: jax.Array, gt_valid: jax.Array, topk: int, center_eps: float
 ) -> tuple[AssignResult, jax.Array]:
-    """Grid-window ATSS for one image; also returns whether the window was provably exact."""
-    # Padding boxes may hold anything; give them a finite centre so the runs stay in range.
+    """Grid-aware ATSS for one image; also returns whether the star was provably exact."""
+    # Padding boxes may hold anything; give them a finite centre so the lists stay in range.
     gt_centers = jnp.where(gt_valid[:, None], box_lib.box_centers(gt_boxes), 0.0)
-    candidates, mask, exact = _window_candidates(grid, anchor_valid, gt_centers, topk)
+    candidates, mask, exact = _star_candidates(grid, anchor_valid, gt_centers, topk)
     result = assign_candidates(jnp.asarray(grid.boxes), anchor_valid, gt_boxes, gt_valid, candidates, center_eps, mask)
     return result, jnp.all(exact | ~gt_valid)
 
@@ -200,7 +229,7 @@ def atss_assign_grid(
     topk: int = 9,
     center_eps: float = 0.01,
 ) -> AssignResult:
-    """ATSS for a batch, equal to ``vmap(atss_assign)`` (ties included), in O(G * L * k^2) per image.
+    """ATSS for a batch, equal to ``vmap(atss_assign)`` (ties included), in O(G * L * k^2 log k) per image.
 
     Args:
       grid: the static anchor grid (geometry, strides, anchors per location, boxes). For the
