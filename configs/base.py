@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
     # One of atss_jax.assigners.ASSIGNERS.
     config.assigner.name = "atss"
     config.assigner.topk = 9
-    # ATSS only: "grid" (window of locations per box, the fast default) or "full_matrix" (reference);
+    # ATSS only: "grid" (a star of locations per box and level, the fast default) or "full_matrix" (reference);
     # both give the same assignment.
     config.assigner.atss_implementation = "grid"
     config.assigner.center_eps = 0.01

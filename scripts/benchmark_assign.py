@@ -3,7 +3,7 @@ r"""Benchmark: the jitted, batched ATSS assigners against the per-image designs 
 Same inputs for every implementation (a batch of images filling the canvas, COCO-like boxes), run
 interleaved in one process after checking that all give the same assignment; medians and ratios:
 
-  * jax grid-aware   - ``atss_assign_grid`` (``build_assigner``'s default): a window of locations
+  * jax grid-aware   - ``atss_assign_grid`` (``build_assigner``'s default): a star of locations
                        per box and level, what the train step runs;
   * jax full-matrix  - ``atss_assign`` vmapped: a top-k over every anchor of each level (the
                        readable reference);
