@@ -54,14 +54,14 @@ def resolve_conflicts(
     """Gives each anchor positive for several boxes to the box of highest IoU, ties to lowest index.
 
     Args:
-      candidate_index: ``[G, K]`` int32 anchor index of each candidate; distinct within a row.
+      candidate_index: ``[G, K]`` int32 anchor index of each candidate; distinct among a row's positives.
       positive: ``[G, K]`` bool.
       candidate_iou: ``[G, K]`` float32 IoU of each candidate with its box.
       num_anchors: A.
 
     Returns:
-      ``[A]`` int32 box index per anchor, -1 where no box claims it. Scatters over the candidates
-      only, so nothing of size ``[G, A]`` is built.
+      ``[A]`` int32 box index per anchor, -1 where no box claims it. Scatters the positive
+      candidates only, so nothing of size ``[G, A]`` is built.
     """
     num_boxes = candidate_index.shape[0]
     # Only positives are written: the others point past the end and are dropped unread.
