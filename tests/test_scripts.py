@@ -83,3 +83,15 @@ def test_benchmark_dcn_writes_its_table(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [row["pass"] for row in rows] == ["forward", "forward+backward"]
     assert all(row["dcnv2_ms"] > 0 and row["dcnv2_gflops"] > row["conv3x3_gflops"] for row in rows)
+
+
+def test_benchmark_assign_checks_agreement_and_writes_its_table(tmp_path):
+    # The script itself exits non-zero unless all four implementations give the same assignment.
+    out = tmp_path / "assign.json"
+    printed = _run(["-m", "scripts.benchmark_assign", "--config=configs/base.py", "--canvas=512,768", "--batch=2",
+                    "--num_boxes=8", "--repeats=1", "--loop_images=1", f"--json={out}"]).stdout
+    assert "floor:" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["name"] for row in rows] == ["jax grid-aware", "jax full-matrix", "numpy per image", "numpy per box"]
+    assert all(row["median_s"] > 0 for row in rows) and rows[0]["ratio"] == 1.0
+    assert rows[0]["back_to_back_s"] > 0 and rows[2]["back_to_back_s"] is None
