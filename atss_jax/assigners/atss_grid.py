@@ -169,7 +169,7 @@ def _star_candidates(
     num_cols, num_rows, rectangular = _valid_extent(grid, anchor_valid)
     stride = np.asarray(grid.strides, np.float32)[:, None]
     width = np.asarray([w for _, w in grid.level_shapes], np.int32)[:, None]
-    centers = jnp.broadcast_to(gt_centers.T[:, None, :], (2, len(grid.strides), num_boxes))
+    centers = jnp.broadcast_to(gt_centers.T[:, None, :], (2, num_levels, num_boxes))
     star_rows, outside = _star(topk)
     count = topk + _STAR_MARGIN
     col, col_sq, col_floor = _nearest_lines(centers[0], stride, num_cols[:, None], count)
