@@ -27,6 +27,13 @@ def test_bf16_follows_the_float32_loss_curve(synthetic_data_config, tmp_path):
     floats = [leaf for leaf in jax.tree.leaves((state.params, state.opt_state))
               if np.issubdtype(leaf.dtype, np.floating)]
     assert floats and all(leaf.dtype == np.float32 for leaf in floats)
-    assert float32[-10:].mean() < 0.8 * float32[:5].mean(), "the float32 run must learn for the check to mean much"
-    np.testing.assert_allclose(bfloat16, float32, rtol=0.1)
-    assert abs(bfloat16[-10:].mean() - float32[-10:].mean()) < 0.05 * float32[-10:].mean()
+    # Step 1 starts from the same parameters on the same images: the losses differ by bfloat16 rounding
+    # alone (2**-8 per value), which averages out over the loss's thousands of terms (measured: 9e-5).
+    np.testing.assert_allclose(bfloat16[0], float32[0], rtol=1e-2)
+    # Later the runs drift apart (rounding amplified step by step, differently on every CPU) but follow
+    # one curve: per-step losses scatter by about 3% around it, so 10-step means carry about 1% of noise
+    # and must agree within 5% (measured: 0.6% at most); the float32 run must learn, its last 10 steps
+    # at least 10% below its first 5 (measured: 27%), many times that noise.
+    windows = float32.reshape(-1, 10).mean(axis=1), bfloat16.reshape(-1, 10).mean(axis=1)
+    np.testing.assert_allclose(windows[1], windows[0], rtol=0.05)
+    assert float32[-10:].mean() < 0.9 * float32[:5].mean(), "the float32 run must learn for the check to mean much"

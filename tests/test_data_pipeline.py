@@ -115,3 +115,19 @@ def test_bad_split_and_canvas_are_clear_errors(synthetic_data_config):
     config.canvas = (100, 160)
     with pytest.raises(ValueError, match="multiples of 32"):
         pipeline.canvases(config)
+
+
+def test_mirrored_eval_view_holds_the_mirrored_images(synthetic_data_config):
+    # The view mirrors each original image before resizing; mirroring the resized image instead gives the
+    # same pixels up to the resize's rounding (one grey level), and the same size, scale and ids.
+    plain, mirrored = (_batches(pipeline.eval_dataset(synthetic_data_config, batch_per_host=4, process_index=0,
+                                                      process_count=1, horizontal_flip=flip).dataset, 4)
+                       for flip in (False, True))
+    for a, b in zip(plain, mirrored):
+        for key in ("image_size", "original_size", "scale", "image_id", "example_valid"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        for image_a, image_b, (height, width) in zip(a["image"], b["image"], a["image_size"]):
+            inside_a, inside_b = image_a[:height, :width].astype(int), image_b[:height, :width].astype(int)
+            assert np.abs(inside_a[:, ::-1] - inside_b).max() <= 1
+            assert not np.array_equal(inside_a, inside_b)
+            assert (image_b[height:] == 0).all() and (image_b[:, width:] == 0).all()
