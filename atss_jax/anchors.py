@@ -18,9 +18,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-
-DEFAULT_STRIDES = (8, 16, 32, 64, 128)
 
 
 def feature_size(size: int, stride: int) -> int:
@@ -116,10 +115,10 @@ def _anchor_grid(
 
 def make_anchor_grid(
     canvas: Sequence[int],
-    strides: Sequence[int] = DEFAULT_STRIDES,
-    octave_base_scale: float = 8.0,
-    scales: Sequence[float] = (1.0,),
-    aspect_ratios: Sequence[float] = (1.0,),
+    strides: Sequence[int],
+    octave_base_scale: float,
+    scales: Sequence[float],
+    aspect_ratios: Sequence[float],
 ) -> AnchorGrid:
     """Builds (and caches) the anchors for a canvas.
 
@@ -146,6 +145,17 @@ def make_anchor_grid(
         tuple(float(s) for s in scales),
         tuple(float(r) for r in aspect_ratios),
     )
+
+
+def anchors_per_location(config: ml_collections.ConfigDict) -> int:
+    """#A of ``config`` (the ``anchors`` section): one anchor per scale and aspect ratio."""
+    return len(config.scales) * len(config.aspect_ratios)
+
+
+def build_anchor_grid(config: ml_collections.ConfigDict, canvas: Sequence[int]) -> AnchorGrid:
+    """The anchors of ``config`` (the ``anchors`` section of the experiment config) on ``canvas``."""
+    return make_anchor_grid(canvas, tuple(config.strides), config.octave_base_scale, tuple(config.scales),
+                            tuple(config.aspect_ratios))
 
 
 def anchor_valid_mask(centers: jax.Array | np.ndarray, image_size: jax.Array) -> jax.Array:

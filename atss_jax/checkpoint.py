@@ -1,10 +1,11 @@
-"""Orbax checkpoints: the training state (periodic async saves, resume, preemption) and inference exports."""
+"""Orbax checkpoints: the training state (periodic async saves, resume, preemption), the model variables
+alone (evaluation, export), and inference exports."""
 
 from __future__ import annotations
 
 import json
 import signal
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -12,9 +13,18 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+# Where a workdir keeps its train-state checkpoints, and the categories it is trained on (label order), so
+# that export and prediction need no dataset.
+CHECKPOINT_DIR = "checkpoints"
+CATEGORIES_FILE = "categories.json"
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint or export is missing, corrupt, or does not fit the model."""
+
+
+def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
+    return epath.Path(workdir) / CHECKPOINT_DIR
 
 
 class TrainCheckpoints:
@@ -70,6 +80,60 @@ class TrainCheckpoints:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+
+
+def write_categories(workdir: str | epath.Path, category_ids: tuple[int, ...], category_names: tuple[str, ...]) -> None:
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CATEGORIES_FILE).write_text(json.dumps({"category_ids": list(category_ids),
+                                                    "category_names": list(category_names)}, indent=1))
+
+
+def read_categories(workdir: str | epath.Path) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(category ids, category names) in label order, as training wrote them."""
+    path = epath.Path(workdir) / CATEGORIES_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: {workdir} is not a training workdir of this version.")
+    categories = json.loads(path.read_text())
+    return tuple(categories["category_ids"]), tuple(categories["category_names"])
+
+
+class RestoredVariables(NamedTuple):
+    """The model variables of one training checkpoint."""
+
+    step: int
+    variables: dict  # {"params": ..., and the norm collections ("frozen", "batch_stats")}
+
+
+def restore_variables(workdir: str | epath.Path, abstract_variables: dict,
+                      step: int | None = None) -> RestoredVariables:
+    """The model variables of checkpoint ``step`` (default: the latest) of ``workdir``: no optimiser state.
+
+    Args:
+      workdir: a training workdir (its checkpoints are in ``checkpoint_dir(workdir)``).
+      abstract_variables: the model's variables as ``jax.ShapeDtypeStruct`` leaves, with the
+        shardings to restore them into (e.g. replicated over the mesh).
+      step: the checkpoint; None for the latest.
+    """
+    directory = checkpoint_dir(workdir)
+    manager = ocp.CheckpointManager(directory)
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise CheckpointError(f"No checkpoint in {directory}.")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"No checkpoint of step {step} in {directory}; there are {steps}.")
+    params, model_state = abstract_variables["params"], {k: v for k, v in abstract_variables.items() if k != "params"}
+    # The train state's other fields (optimiser state, step) are left on disk.
+    item = {"params": params, "model_state": model_state}
+    try:
+        restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    except Exception as error:
+        raise CheckpointError(f"Checkpoint {directory / str(step)} cannot be restored into the model of this "
+                              f"config ({type(error).__name__}: {error}).") from error
+    return RestoredVariables(step, {"params": restored["params"], **restored["model_state"]})
 
 
 EXPORT_CONFIG = "config.json"

@@ -1,90 +1,45 @@
-"""`Detector`: restores an inference export (no training state) and detects objects in images.
-
-    detector = Detector("/exports/atss_r50")
-    results = detector.predict_files(["a.jpg", "b.png"])   # list of {"boxes", "scores", "category_ids", ...}
-
-Images go through the evaluation transforms of the exported config (resize to `eval_min_size`, pad
-to the canvas of their orientation), so predictions equal the trainer's evaluation.
-"""
+"""The inference step shared by evaluation and serving: images in, detections in original pixels out."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import tensorflow as tf
 
-from atss_jax import checkpoint, train
-from atss_jax.data import coco, pipeline, transforms
-from atss_jax.models.detector import build_detector
+from atss_jax import boxes as box_lib
+from atss_jax import postprocess
+from atss_jax.anchors import anchor_valid_mask, build_anchor_grid
 
 
-class Detector:
-    """An exported ATSS model ready to predict."""
+def eval_step(variables: dict, batch: dict[str, jax.Array], *, config: ml_collections.ConfigDict,
+              model: nn.Module) -> dict[str, jax.Array]:
+    """Detections of one device's images (a pure function: jit it, or map it over devices with shard_map).
 
-    def __init__(self, export_dir: str, batch_size: int = 8):
-        metadata = checkpoint.load_export_metadata(export_dir)
-        self.config = ml_collections.ConfigDict(metadata["config"])
-        self.category_ids = tuple(metadata["category_ids"])
-        self.category_names = tuple(metadata["category_names"])
-        self.batch_size = batch_size
-        self.canvases = pipeline.canvases(self.config.data)
-        grid = train.anchor_grid(self.config, self.canvases[0])
-        self.model = build_detector(self.config.model, grid.anchors_per_location)
-        abstract = jax.eval_shape(self.model.init, jax.random.key(0), jnp.zeros((1, *self.canvases[0], 3), jnp.uint8))
-        stored_dtype = jnp.dtype(metadata.get("parameter_dtype", "float32"))
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, stored_dtype if x.dtype == jnp.float32
-                                                                else x.dtype), abstract)
-        variables = checkpoint.restore_inference(export_dir, abstract)
-        self.variables = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == stored_dtype else x, variables)
-        self._detect = jax.jit(functools.partial(train.eval_step, config=self.config, model=self.model))
+    Args:
+      variables: the model's variables (``params`` and the norm statistics).
+      batch: ``image [B, H, W, 3] uint8``, ``image_size [B, 2] int32`` (the resized image inside the
+        canvas), ``scale [B] float32`` (resized / original).
+      config: the experiment config (``anchors``, ``model.head`` and ``eval`` sections are read).
+      model: the detector of ``config.model``.
 
-    def _preprocess(self, image: np.ndarray, canvas: tuple[int, int]) -> dict[str, np.ndarray]:
-        data = self.config.data
-        image = tf.convert_to_tensor(image)
-        size = tf.shape(image)[:2]
-        scale = transforms.resize_scale(size, tf.constant(data.eval_min_size), data.max_size, canvas)
-        padded, _, image_size = transforms.resize_and_pad(image, tf.zeros([0, 4]), scale, canvas)
-        return {"image": padded.numpy(), "image_size": image_size.numpy(), "scale": np.float32(scale.numpy()),
-                "original_size": size.numpy()}
-
-    def predict_arrays(self, images: Sequence[np.ndarray]) -> list[dict]:
-        """Detections for [h, w, 3] uint8 RGB images.
-
-        Returns:
-          Per image: boxes [N, 4] xyxy original pixels (clipped to the image), scores [N],
-          labels [N] (0..C-1), category_ids [N], category_names [N]; N <= config.eval.max_detections.
-        """
-        canvas_landscape = self.canvases[0][1] >= self.canvases[0][0]
-        buckets = [0 if len(self.canvases) == 1 else int((im.shape[1] >= im.shape[0]) != canvas_landscape)
-                   for im in images]
-        results: list[dict | None] = [None] * len(images)
-        for bucket, canvas in enumerate(self.canvases):
-            members = [i for i, b in enumerate(buckets) if b == bucket]
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                examples = [self._preprocess(images[i], canvas) for i in chunk]
-                # A fixed batch size keeps one compile per canvas: pad with copies of the first image.
-                padded = examples + [examples[0]] * (self.batch_size - len(examples))
-                batch = {k: np.stack([e[k] for e in padded]) for k in padded[0]}
-                out = jax.device_get(self._detect(self.variables, batch))
-                for row, i in enumerate(chunk):
-                    results[i] = self._result(out, row, batch["original_size"][row])
-        return results
-
-    def _result(self, out: dict, row: int, original_size: np.ndarray) -> dict:
-        keep = out["valid"][row]
-        height, width = original_size
-        boxes = np.clip(out["boxes"][row][keep], 0, [width, height, width, height])
-        labels = out["classes"][row][keep]
-        return {"boxes": boxes, "scores": out["scores"][row][keep], "labels": labels,
-                "category_ids": np.array([self.category_ids[k] for k in labels], np.int64),
-                "category_names": [self.category_names[k] for k in labels]}
-
-    def predict_files(self, paths: Sequence[str]) -> list[dict]:
-        """Detections for image files (JPEG, PNG, BMP, GIF)."""
-        return self.predict_arrays([coco.decode_image(tf.io.read_file(p)).numpy() for p in paths])
+    Returns:
+      ``boxes [B, D, 4]`` xyxy original pixels, ``scores [B, D]``, ``classes [B, D]`` (0..C-1) and
+      ``valid [B, D]``, best first, D = ``config.eval.max_detections``.
+    """
+    grid = build_anchor_grid(config.anchors, batch["image"].shape[1:3])
+    anchors, strides = jnp.asarray(grid.boxes), jnp.asarray(grid.anchor_strides)
+    class_logits, box_regression, centerness_logits = model.apply(variables, batch["image"], train=False)
+    decoded = box_lib.decode_regression(config.model.head.regression, anchors, strides, box_regression)
+    if not config.model.head.use_centerness:
+        centerness_logits = jnp.full_like(centerness_logits, jnp.inf)  # sigmoid -> 1: rank by class only
+    select = functools.partial(
+        postprocess.select_detections, level_sizes=grid.level_sizes, score_threshold=config.eval.score_threshold,
+        pre_nms_topk=config.eval.pre_nms_topk, iou_threshold=config.eval.nms_iou_threshold,
+        max_detections=config.eval.max_detections)
+    detections = jax.vmap(select)(jax.nn.sigmoid(class_logits), jax.nn.sigmoid(centerness_logits), decoded,
+                                  anchor_valid_mask(grid.centers, batch["image_size"]), batch["image_size"],
+                                  batch["scale"])
+    return detections._asdict()

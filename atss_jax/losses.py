@@ -12,9 +12,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from atss_jax import boxes as box_lib
+from atss_jax.assigners.result import IGNORED
 
 BOX_LOSSES = ("giou", "smooth_l1")
 
@@ -29,7 +31,7 @@ class LossTerms(NamedTuple):
     num_positives: jax.Array  # positives per device, averaged over the device axis
 
 
-def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
+def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float, gamma: float) -> jax.Array:
     """Elementwise focal loss (Lin et al. 2017): ``logits, targets [...] -> [...]``, targets in {0, 1}."""
     prob = jax.nn.sigmoid(logits)
     cross_entropy = optax.losses.sigmoid_binary_cross_entropy(logits, targets)
@@ -66,13 +68,9 @@ def detection_losses(
     gt_index: jax.Array,
     gt_boxes: jax.Array,
     gt_labels: jax.Array,
-    regression: str = "box",
-    box_loss: str = "giou",
-    box_loss_weight: float = 2.0,
-    use_centerness: bool = True,
-    focal_alpha: float = 0.25,
-    focal_gamma: float = 2.0,
-    smooth_l1_beta: float = 1.0 / 9.0,
+    config: ml_collections.ConfigDict,
+    regression: str,
+    use_centerness: bool,
     axis_name: str | None = None,
 ) -> LossTerms:
     """ATSS losses of one device's batch, given the assignment.
@@ -85,14 +83,13 @@ def detection_losses(
       anchors: ``[A, 4]`` xyxy pixels (for ``"point"``, their centres are the points).
       anchor_strides: ``[A]`` stride of each anchor's level.
       anchor_valid: ``[B, A]`` bool; invalid anchors contribute nothing.
-      gt_index: ``[B, A]`` int32 from the assigner: box index, -1 negative, -2 ignored.
+      gt_index: ``[B, A]`` int32 from the assigner: box index, ``NEGATIVE`` or ``IGNORED``.
       gt_boxes: ``[B, G, 4]`` xyxy pixels; gt_labels: ``[B, G]`` int32 in 0..C-1.
-      regression: "box" or "point".
-      box_loss: "giou" (on decoded boxes) or "smooth_l1" (on deltas, ``"box"`` only).
-      box_loss_weight: multiplier of the box term (2.0 for GIoU in ATSS).
+      config: the ``loss`` section of the experiment config: ``box_loss`` ("giou" on decoded boxes or
+        "smooth_l1" on deltas, ``"box"`` regression only), ``box_loss_weight``, ``focal_alpha``,
+        ``focal_gamma``, ``smooth_l1_beta``.
+      regression: "box" or "point" (``config.model.head.regression``).
       use_centerness: False drops the centre-ness branch and its weighting of the box loss.
-      focal_alpha, focal_gamma: focal loss parameters.
-      smooth_l1_beta: transition point of the smooth-L1 loss.
       axis_name: named device axis for the global normalisers, or None on one device.
 
     Returns:
@@ -100,13 +97,13 @@ def detection_losses(
     """
     if regression not in box_lib.REGRESSIONS:
         raise ValueError(f"regression={regression!r} is not one of {box_lib.REGRESSIONS}")
-    if box_loss not in BOX_LOSSES:
-        raise ValueError(f"box_loss={box_loss!r} is not one of {BOX_LOSSES}")
-    if box_loss == "smooth_l1" and regression != "box":
-        raise ValueError("box_loss='smooth_l1' regresses deltas: it needs regression='box'")
+    if config.box_loss not in BOX_LOSSES:
+        raise ValueError(f"config.loss.box_loss={config.box_loss!r} is not one of {BOX_LOSSES}")
+    if config.box_loss == "smooth_l1" and regression != "box":
+        raise ValueError("config.loss.box_loss='smooth_l1' regresses deltas: it needs regression='box'")
     num_classes = class_logits.shape[-1]
     positive = (gt_index >= 0) & anchor_valid
-    counted = (gt_index != -2) & anchor_valid  # positives and negatives: the focal loss's anchors
+    counted = (gt_index != IGNORED) & anchor_valid  # positives and negatives: the focal loss's anchors
     matched = jnp.maximum(gt_index, 0)
     matched_boxes = jnp.take_along_axis(gt_boxes, matched[..., None], axis=1)  # [B, A, 4]
     matched_labels = jnp.take_along_axis(gt_labels, matched, axis=1)
@@ -118,17 +115,17 @@ def detection_losses(
     positive_normaliser = jnp.maximum(num_positives, 1.0)
 
     targets = jax.nn.one_hot(matched_labels, num_classes) * positive[..., None]
-    focal = sigmoid_focal_loss(class_logits, targets, focal_alpha, focal_gamma)
+    focal = sigmoid_focal_loss(class_logits, targets, config.focal_alpha, config.focal_gamma)
     classification = jnp.sum(jnp.where(counted[..., None], focal, 0.0)) / positive_normaliser
 
     points = box_lib.box_centers(anchors)
     center_target = jnp.where(positive, centerness_targets(points, matched_boxes), 0.0)
-    if box_loss == "giou":
+    if config.box_loss == "giou":
         predicted = box_lib.decode_regression(regression, anchors, anchor_strides, box_regression)
         per_anchor = 1.0 - box_lib.elementwise_giou(predicted, matched_boxes)
     else:
         target_deltas = box_lib.encode_deltas(anchors, matched_boxes)
-        per_anchor = jnp.sum(_smooth_l1(box_regression - target_deltas, smooth_l1_beta), axis=-1)
+        per_anchor = jnp.sum(_smooth_l1(box_regression - target_deltas, config.smooth_l1_beta), axis=-1)
     per_anchor = jnp.where(positive, per_anchor, 0.0)
     if use_centerness:
         weight_normaliser = global_mean(jnp.sum(center_target))
@@ -138,7 +135,7 @@ def detection_losses(
     else:
         box = jnp.sum(per_anchor) / positive_normaliser
         centerness = jnp.zeros((), class_logits.dtype)
-    box = box_loss_weight * box
+    box = config.box_loss_weight * box
     return LossTerms(
         classification=classification,
         box=box,

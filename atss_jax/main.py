@@ -48,7 +48,7 @@ def main(argv):
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     elif _wants_distributed():
         jax.distributed.initialize()
-    from atss_jax import train
+    from atss_jax import evaluator, train
 
     logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
@@ -56,7 +56,7 @@ def main(argv):
     if _MODE.value == "train":
         train.train_and_evaluate(config, _WORKDIR.value)
     else:
-        train.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT_STEP.value)
+        evaluator.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT_STEP.value)
 
 
 if __name__ == "__main__":

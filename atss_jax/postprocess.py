@@ -112,10 +112,10 @@ def select_detections(
     scale: jax.Array,
     *,
     level_sizes: Sequence[int],
-    score_threshold: float = 0.05,
-    pre_nms_topk: int = 1000,
-    iou_threshold: float = 0.6,
-    max_detections: int = 100,
+    score_threshold: float,
+    pre_nms_topk: int,
+    iou_threshold: float,
+    max_detections: int,
 ) -> Detections:
     """ATSS inference for one image: threshold, per-level top-k, clip, class-aware NMS, rescale.
 

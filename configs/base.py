@@ -65,13 +65,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.head.use_centerness = True
     config.model.head.use_scales = True
     config.model.head.deformable_tower = False  # last conv of each tower is DCNv2 (the paper's DCN rows)
+    config.model.head.prior_prob = 0.01  # initial foreground probability of the classifier (focal loss's prior)
 
-    # Keyword arguments of atss_jax.losses.detection_losses.
+    # atss_jax.losses.detection_losses.
     config.loss = ml_collections.ConfigDict()
     config.loss.box_loss = "giou"  # Table 1 "GIoU Loss"; "smooth_l1" regresses deltas instead
-    config.loss.box_loss_weight = 2.0
-    config.loss.focal_alpha = 0.25
-    config.loss.focal_gamma = 2.0
+    config.loss.box_loss_weight = 2.0  # multiplier of the box term (ATSS: 2 with GIoU)
+    config.loss.focal_alpha = 0.25  # focal loss weight of positives
+    config.loss.focal_gamma = 2.0  # focal loss focusing exponent
+    config.loss.smooth_l1_beta = 1.0 / 9.0  # where smooth-L1 turns from quadratic to linear (box_loss="smooth_l1")
 
     config.anchors = ml_collections.ConfigDict()
     config.anchors.strides = (8, 16, 32, 64, 128)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from atss_jax import evaluate
+from atss_jax import coco_eval
 from atss_jax.data.coco import COCO_CATEGORY_IDS
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 5000, "Images (COCO val2017 has 5000).")
@@ -52,21 +52,21 @@ def synthetic_coco(num_images: int, seed: int = 0) -> tuple[dict, list[dict]]:
 def main(argv):
     del argv
     ground_truth, detections = synthetic_coco(_NUM_IMAGES.value)
-    times = {e: [] for e in evaluate.EVALUATORS}
+    times = {e: [] for e in coco_eval.EVALUATORS}
     results = {}
     for _ in range(_REPEATS.value):
-        for evaluator in evaluate.EVALUATORS:
+        for evaluator in coco_eval.EVALUATORS:
             start = time.perf_counter()
-            results[evaluator] = evaluate.coco_metrics(ground_truth, detections, evaluator)
+            results[evaluator] = coco_eval.coco_metrics(ground_truth, detections, evaluator)
             times[evaluator].append(time.perf_counter() - start)
-    (ref_stats, ref_classes), (fast_stats, fast_classes) = (results[e] for e in evaluate.EVALUATORS)
+    (ref_stats, ref_classes), (fast_stats, fast_classes) = (results[e] for e in coco_eval.EVALUATORS)
     stat_diff = max(abs(ref_stats[k] - fast_stats[k]) for k in ref_stats)
     class_diff = max(abs(ref_classes[k] - fast_classes[k]) for k in ref_classes)
     baseline = float(np.median(times["pycocotools"]))
     print(f"\nCOCO box evaluation, {_NUM_IMAGES.value} images, {len(ground_truth['annotations'])} boxes, "
           f"{len(detections)} detections; median of {_REPEATS.value}.")
     print("| evaluator | seconds | speed-up | AP |\n|---|---:|---:|---:|")
-    for evaluator in evaluate.EVALUATORS:
+    for evaluator in coco_eval.EVALUATORS:
         seconds = float(np.median(times[evaluator]))
         print(f"| {evaluator} | {seconds:.1f} | {baseline / seconds:.1f}x | {results[evaluator][0]['AP']:.4f} |")
     print(f"\nLargest difference: {stat_diff:.2e} over the 12 numbers, {class_diff:.2e} over per-class APs "

@@ -1,8 +1,8 @@
 r"""Whole train step: compile time, step time, images/s, FLOPs per image (XLA cost analysis), MFU, the
 share of the step spent in assignment, and peak device memory. Prints a table and writes a JSON.
 
-The assignment share compares the real step with the same step fed a precomputed assignment of the
-same shape (the batch carries `gt_index`, so the assigner is not run), timed interleaved.
+The assignment share compares the real step with the same step given a precomputed assignment of the
+same shape (carried in the batch, so the assigner is not run), timed interleaved.
 
     python -m scripts.benchmark_train --config=configs/base.py --batch_per_device=16            # GPU / TPU
     python -m scripts.benchmark_train --config=configs/base.py --config.data.canvas=256,384 \
@@ -17,10 +17,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from atss_jax import train
-from atss_jax.anchors import anchor_valid_mask
-from atss_jax.assigners import build_assigner
-from atss_jax.models.detector import build_detector
+from atss_jax import parallel, train
+from atss_jax.anchors import anchor_valid_mask, build_anchor_grid
+from atss_jax.assigners import AssignResult, build_assigner
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Experiment config.")
 _BATCH = flags.DEFINE_integer("batch_per_device", 16, "Images per device.")
@@ -54,6 +53,12 @@ def synthetic_batch(config, batch: int, rng: np.random.Generator) -> dict[str, n
     }
 
 
+def precomputed_assignment(grid, anchor_valid, batch) -> AssignResult:
+    """The assignment the batch carries (`gt_index` [B, A], `num_positives` and `iou_threshold` [B, G])."""
+    del grid, anchor_valid
+    return AssignResult(batch["gt_index"], batch["num_positives"], batch["iou_threshold"])
+
+
 def _time_steps(step_fn, state, batch, steps: int) -> tuple[list[float], object]:
     times = []
     for _ in range(steps):
@@ -67,18 +72,19 @@ def _time_steps(step_fn, state, batch, steps: int) -> tuple[list[float], object]
 def main(argv):
     del argv
     config = _CONFIG.value
-    mesh = train.make_mesh()
     canvas = tuple(config.data.canvas)
-    grid = train.anchor_grid(config, canvas)
-    model = build_detector(config.model, grid.anchors_per_location, axis_name=train.AXIS)
-    state, optimizer = train.create_train_state(config, model, canvas, mesh)
-    train_fn, _ = train.compile_steps(config, model, optimizer, mesh)
+    grid = build_anchor_grid(config.anchors, canvas)
+    training = train.create_training(config)
+    mesh, state = training.mesh, training.state
+    train_fn = train.compile_train_step(config, training.model, training.optimizer, mesh)
+    precomputed_fn = train.compile_train_step(config, training.model, training.optimizer, mesh,
+                                              assign=precomputed_assignment)
     global_batch = _BATCH.value * jax.device_count()
     host = synthetic_batch(config, global_batch // jax.process_count(), np.random.default_rng(0))
     assignment = jax.jit(build_assigner(config.assigner, grid))(
         anchor_valid_mask(grid.centers, host["image_size"]), host["boxes"], host["box_valid"])
     with_assignment = {**host, **{k: np.asarray(v) for k, v in assignment._asdict().items()}}
-    batch, precomputed = train.to_global(host, mesh), train.to_global(with_assignment, mesh)
+    batch, precomputed = parallel.to_global(host, mesh), parallel.to_global(with_assignment, mesh)
 
     start = time.perf_counter()
     compiled = train_fn.lower(state, batch).compile()
@@ -88,12 +94,12 @@ def main(argv):
     flops_per_device_step = float(cost.get("flops", 0.0))
 
     _, state = _time_steps(train_fn, state, batch, 1)
-    _, state = _time_steps(train_fn, state, precomputed, 1)
+    _, state = _time_steps(precomputed_fn, state, precomputed, 1)
     full, without = [], []
     for _ in range(_STEPS.value):  # interleaved, so drifts hit both variants alike
         t, state = _time_steps(train_fn, state, batch, 1)
         full += t
-        t, state = _time_steps(train_fn, state, precomputed, 1)
+        t, state = _time_steps(precomputed_fn, state, precomputed, 1)
         without += t
     step, step_without = float(np.median(full)), float(np.median(without))
     peak = _peak_tflops()

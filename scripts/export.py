@@ -1,15 +1,20 @@
 r"""Exports a training checkpoint for inference: model variables only (optionally bfloat16) + the config.
 
     python -m scripts.export --config=configs/demo.py --workdir=/tmp/demo --export_dir=/tmp/demo_export [--bf16]
-    python -m atss_jax.predict --export_dir=/tmp/demo_export image.jpg --out_dir=/tmp/predictions
+    python -m scripts.predict --export_dir=/tmp/demo_export image.jpg --out_dir=/tmp/predictions
+
+Needs neither the dataset (the categories come from the workdir) nor the optimiser state.
 """
 
 import jax
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from atss_jax import checkpoint, train
-from atss_jax.data import pipeline
+from atss_jax import checkpoint
+from atss_jax.anchors import anchors_per_location
+from atss_jax.data import transforms
+from atss_jax.models.detector import abstract_variables, build_detector
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The config the checkpoint was trained with.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
@@ -19,12 +24,14 @@ _BF16 = flags.DEFINE_bool("bf16", False, "Store the parameters in bfloat16.")
 flags.mark_flags_as_required(["config", "workdir", "export_dir"])
 
 
-def export(config, workdir: str, export_dir: str, step: int | None = None, bf16: bool = False) -> None:
-    *_, state = train.restore_training(config, workdir, step, require_checkpoint=True)
-    split = pipeline.open_split(config.data, config.data.eval_split)
-    names = tuple(split.builder.info.features["objects"]["label"].names)
-    variables = jax.device_get({"params": state.params, **state.model_state})
-    checkpoint.export_inference(export_dir, variables, config, split.category_ids, names,
+def export(config: ml_collections.ConfigDict, workdir: str, export_dir: str, step: int | None = None,
+           bf16: bool = False) -> None:
+    model = build_detector(config.model, anchors_per_location(config.anchors))
+    abstract = abstract_variables(model, transforms.canvases(config.data)[0],
+                                  jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    restored = checkpoint.restore_variables(workdir, abstract, step)
+    category_ids, category_names = checkpoint.read_categories(workdir)
+    checkpoint.export_inference(export_dir, jax.device_get(restored.variables), config, category_ids, category_names,
                                 parameter_dtype="bfloat16" if bf16 else "float32")
 
 

@@ -12,8 +12,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from atss_jax import boxes as box_lib
-from atss_jax import train
-from atss_jax.anchors import anchor_valid_mask
+from atss_jax.anchors import anchor_valid_mask, build_anchor_grid
 from atss_jax.assigners import build_assigner
 from atss_jax.assigners.atss import level_candidates
 from atss_jax.data import pipeline
@@ -34,7 +33,7 @@ def main(argv):
                                  process_count=1)
     batch = next(iter(data.dataset.skip(_INDEX.value).as_numpy_iterator()))
     canvas = batch["image"].shape[1:3]
-    grid = train.anchor_grid(config, canvas)
+    grid = build_anchor_grid(config.anchors, canvas)
     anchor_valid = anchor_valid_mask(grid.centers, batch["image_size"])
     result = build_assigner(config.assigner, grid)(anchor_valid, batch["boxes"], batch["box_valid"])
     gt_index = np.asarray(result.gt_index[0])

@@ -6,6 +6,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from atss_jax.anchors import AnchorGrid, make_anchor_grid
+from configs import base
+
 KINDS = ("coco", "extreme_ratio", "partly_outside", "duplicates", "integer", "tiny", "crowded")
 
 
@@ -78,3 +81,12 @@ def run_batched(assign, grid, batch: Case, per_image: bool = True):
     anchor_valid = anchor_valid_mask(grid.centers, batch.image_size)
     result = jax.jit(jax.vmap(assign) if per_image else assign)(anchor_valid, batch.gt_boxes, batch.gt_valid)
     return np.asarray(anchor_valid), jax.tree.map(np.asarray, result)
+
+
+def paper_grid(canvas: tuple[int, int], **overrides) -> AnchorGrid:
+    """The anchors of configs/base.py (the paper's: strides 8-128, one 8-stride square per location) on
+    ``canvas``, with ``make_anchor_grid`` keyword arguments overridden."""
+    anchors = base.get_config().anchors
+    settings = {"strides": tuple(anchors.strides), "octave_base_scale": anchors.octave_base_scale,
+                "scales": tuple(anchors.scales), "aspect_ratios": tuple(anchors.aspect_ratios)}
+    return make_anchor_grid(canvas, **{**settings, **overrides})

@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 
 from atss_jax.data import synthetic
-from configs import tiny
+from configs import demo
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,7 +24,7 @@ def compilation_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_data_config(tmp_path_factory) -> ml_collections.ConfigDict:
     """config.data of the tiny config (a small synthetic dataset), prepared once per test session."""
-    config = tiny.get_config()
+    config = demo.get_config("tiny")
     config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
     synthetic.prepare(config.data.synthetic, config.data.data_dir)
     return config.data

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from atss_jax import anchors as anchor_lib
+from tests.cases import paper_grid
 
 
 def _conv_stack_sizes(canvas, num_levels):
@@ -26,15 +27,15 @@ def _conv_stack_sizes(canvas, num_levels):
 
 @pytest.mark.parametrize("canvas", [(800, 1344), (1344, 800), (1333, 1333), (512, 512), (96, 128), (100, 70)])
 def test_level_shapes_match_strided_convolutions(canvas):
-    grid = anchor_lib.make_anchor_grid(canvas)
+    grid = paper_grid(canvas)
     assert grid.level_shapes == _conv_stack_sizes(canvas, 5)
 
 
 def test_coco_canvas_has_22400_anchors():
-    grid = anchor_lib.make_anchor_grid((800, 1344))
+    grid = paper_grid((800, 1344))
     assert grid.level_shapes == ((100, 168), (50, 84), (25, 42), (13, 21), (7, 11))
     assert grid.num_anchors == sum(grid.level_sizes) == 22400
-    nine = anchor_lib.make_anchor_grid(
+    nine = paper_grid(
         (800, 1344), scales=(1.0, 2 ** (1 / 3), 2 ** (2 / 3)), aspect_ratios=(0.5, 1.0, 2.0)
     )
     assert nine.anchors_per_location == 9 and nine.num_anchors == 9 * 22400
@@ -42,7 +43,7 @@ def test_coco_canvas_has_22400_anchors():
 
 def test_layout_centres_and_sizes_by_loop():
     scales, ratios = (1.0, 2.0), (0.5, 1.0, 2.0)
-    grid = anchor_lib.make_anchor_grid(
+    grid = paper_grid(
         (64, 96), strides=(8, 16, 32), octave_base_scale=4.0, scales=scales, aspect_ratios=ratios
     )
     index = 0
@@ -63,7 +64,7 @@ def test_layout_centres_and_sizes_by_loop():
 
 
 def test_valid_mask_by_loop():
-    grid = anchor_lib.make_anchor_grid((96, 128))
+    grid = paper_grid((96, 128))
     sizes = np.array([[96, 128], [40, 70], [1, 1], [0, 0], [95, 9]], np.int32)
     mask = np.asarray(anchor_lib.anchor_valid_mask(grid.centers, sizes))
     assert mask.shape == (5, grid.num_anchors)
@@ -83,11 +84,11 @@ def test_valid_mask_by_loop():
 )
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        anchor_lib.make_anchor_grid(**kwargs)
+        paper_grid(**kwargs)
 
 
 def test_anchors_of_a_location_share_their_centre_exactly():
-    grid = anchor_lib.make_anchor_grid(
+    grid = paper_grid(
         (800, 1344), scales=(1.0, 2 ** (1 / 3), 2 ** (2 / 3)), aspect_ratios=(0.5, 1.0, 2.0)
     )
     centers = ((grid.boxes[:, :2] + grid.boxes[:, 2:]) * np.float32(0.5)).reshape(-1, 9, 2)

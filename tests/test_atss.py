@@ -8,14 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atss_jax.anchors import make_anchor_grid
 from atss_jax.assigners import NEGATIVE, build_assigner
 from atss_jax.assigners.atss import atss_assign
-from configs import tiny
+from configs import demo
 from tests import cases
+from tests.cases import paper_grid
 from tests.reference_assigners import atss_reference
 
 CANVAS = (96, 128)
+
+
+def _paper_settings(grid):
+    """atss_assign's keyword arguments for ``grid`` with the paper's k = 9 and 0.01 px centre margin."""
+    return {"level_sizes": grid.level_sizes, "topk": 9, "anchors_per_location": grid.anchors_per_location,
+            "center_eps": 0.01}
 NINE_ANCHORS = dict(scales=(1.0, 2 ** (1 / 3), 2 ** (2 / 3)), aspect_ratios=(0.5, 1.0, 2.0))
 
 
@@ -31,10 +37,10 @@ NINE_ANCHORS = dict(scales=(1.0, 2 ** (1 / 3), 2 ** (2 / 3)), aspect_ratios=(0.5
     ],
 )
 def test_matches_loop_reference_on_random_cases(anchor_kwargs, topk, count, seed):
-    grid = make_anchor_grid(CANVAS, **anchor_kwargs)
+    grid = paper_grid(CANVAS, **anchor_kwargs)
     batch_cases = cases.random_cases(seed, count, CANVAS, max_boxes=8)
     assign = functools.partial(
-        atss_assign, grid.boxes, level_sizes=grid.level_sizes, topk=topk, anchors_per_location=grid.anchors_per_location
+        atss_assign, grid.boxes, **{**_paper_settings(grid), "topk": topk}
     )
     anchor_valid, result = cases.run_batched(assign, grid, cases.stack(batch_cases))
     positives = 0
@@ -59,20 +65,21 @@ def test_matches_loop_reference_on_random_cases(anchor_kwargs, topk, count, seed
 
 def _single_level_grid():
     """A 4x4 grid of 8x8 anchors tiling a 32x32 canvas: centres at 4, 12, 20, 28."""
-    return make_anchor_grid((32, 32), strides=(8,), octave_base_scale=1.0)
+    return paper_grid((32, 32), strides=(8,), octave_base_scale=1.0)
 
 
 def _assign_one(grid, gt_boxes, topk, center_eps=0.01, anchor_valid=None):
     gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
     if anchor_valid is None:
         anchor_valid = jnp.ones((grid.num_anchors,), bool)
-    return jax.jit(atss_assign, static_argnames=("level_sizes", "topk", "center_eps"))(
+    return jax.jit(atss_assign, static_argnames=("level_sizes", "topk", "anchors_per_location", "center_eps"))(
         grid.boxes,
         anchor_valid,
         gt_boxes,
         jnp.ones(gt_boxes.shape[0], bool),
         level_sizes=grid.level_sizes,
         topk=topk,
+        anchors_per_location=grid.anchors_per_location,
         center_eps=center_eps,
     )
 
@@ -136,7 +143,7 @@ def test_invalid_anchors_are_never_candidates():
     ],
 )
 def test_degenerate_boxes_never_give_nan(gt_boxes):
-    grid = make_anchor_grid(CANVAS)
+    grid = paper_grid(CANVAS)
     result = _assign_one(grid, gt_boxes, topk=9)
     assert np.isfinite(np.asarray(result.iou_threshold)).all()
     gt_index = np.asarray(result.gt_index)
@@ -155,25 +162,26 @@ def test_degenerate_boxes_never_give_nan(gt_boxes):
 
 
 def test_zero_boxes_and_all_padding():
-    grid = make_anchor_grid(CANVAS)
+    grid = paper_grid(CANVAS)
     valid = jnp.ones((grid.num_anchors,), bool)
-    empty = atss_assign(grid.boxes, valid, jnp.zeros((0, 4)), jnp.zeros((0,), bool), level_sizes=grid.level_sizes)
+    empty = atss_assign(grid.boxes, valid, jnp.zeros((0, 4)), jnp.zeros((0,), bool), **_paper_settings(grid))
     assert empty.gt_index.shape == (grid.num_anchors,) and (np.asarray(empty.gt_index) == NEGATIVE).all()
     padded = atss_assign(
         grid.boxes,
         valid,
         jnp.full((5, 4), 20.0).at[:, 2:].set(60.0),
         jnp.zeros((5,), bool),
-        level_sizes=grid.level_sizes,
+        **_paper_settings(grid),
     )
     assert (np.asarray(padded.gt_index) == NEGATIVE).all() and padded.num_positives.tolist() == [0] * 5
 
 
 def test_bad_static_arguments_are_named():
-    grid = make_anchor_grid(CANVAS)
+    grid = paper_grid(CANVAS)
     with pytest.raises(ValueError, match="level_sizes"):
         atss_assign(
-            grid.boxes, jnp.ones(grid.num_anchors, bool), jnp.zeros((1, 4)), jnp.ones(1, bool), level_sizes=(1, 2)
+            grid.boxes, jnp.ones(grid.num_anchors, bool), jnp.zeros((1, 4)), jnp.ones(1, bool),
+            **{**_paper_settings(grid), "level_sizes": (1, 2)},
         )
     with pytest.raises(ValueError, match="topk"):
         atss_assign(
@@ -181,14 +189,13 @@ def test_bad_static_arguments_are_named():
             jnp.ones(grid.num_anchors, bool),
             jnp.zeros((1, 4)),
             jnp.ones(1, bool),
-            level_sizes=grid.level_sizes,
-            topk=0,
+            **{**_paper_settings(grid), "topk": 0},
         )
 
 
 def test_build_assigner_from_config_and_override():
-    config = tiny.get_config()
-    grid = make_anchor_grid(config.data.canvas)
+    config = demo.get_config("tiny")
+    grid = paper_grid(config.data.canvas)
     batch_cases = cases.random_cases(7, 6, config.data.canvas, config.data.max_boxes)
     with config.unlocked():
         config.assigner.topk = 5

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from atss_jax import boxes as box_lib
-from atss_jax.anchors import anchor_valid_mask, make_anchor_grid
+from atss_jax.anchors import anchor_valid_mask
 from atss_jax.assigners import atss_grid
 from atss_jax.assigners.atss import atss_assign, level_candidates
 from tests import cases
+from tests.cases import paper_grid
 
 NINE_ANCHORS = dict(scales=(1.0, 2 ** (1 / 3), 2 ** (2 / 3)), aspect_ratios=(0.5, 1.0, 2.0))
 
@@ -28,10 +29,11 @@ def _compare(grid, batch: cases.Case, topk: int, anchor_valid=None):
                 level_sizes=grid.level_sizes,
                 topk=topk,
                 anchors_per_location=grid.anchors_per_location,
+                center_eps=0.01,
             )
         )
     )(anchor_valid, batch.gt_boxes, batch.gt_valid)
-    result = jax.jit(functools.partial(atss_grid.atss_assign_grid, grid, topk=topk))(
+    result = jax.jit(functools.partial(atss_grid.atss_assign_grid, grid, topk=topk, center_eps=0.01))(
         anchor_valid, batch.gt_boxes, batch.gt_valid
     )
     for field in reference._fields:  # bit-identical, thresholds included
@@ -49,7 +51,7 @@ def _compare(grid, batch: cases.Case, topk: int, anchor_valid=None):
 def test_equals_reference_on_random_cases(anchor_kwargs, topk, count):
     # The #A = 1 grid is also the anchor-free (points) grid: one square of side 8 * stride per point.
     canvas = (96, 128)
-    grid = make_anchor_grid(canvas, **anchor_kwargs)
+    grid = paper_grid(canvas, **anchor_kwargs)
     exact, gt_index = _compare(grid, cases.stack(cases.random_cases(100 + topk, count, canvas, 8)), topk)
     assert exact.all(), "the star should be provably exact on ordinary inputs (no fallback)"
     assert (gt_index >= 0).sum() > count
@@ -58,7 +60,7 @@ def test_equals_reference_on_random_cases(anchor_kwargs, topk, count):
 @pytest.mark.parametrize("anchor_kwargs", [{}, NINE_ANCHORS])
 def test_equals_reference_at_coco_size(anchor_kwargs):
     canvas = (800, 1344)
-    grid = make_anchor_grid(canvas, **anchor_kwargs)
+    grid = paper_grid(canvas, **anchor_kwargs)
     batch = cases.stack(cases.random_cases(7, 8, canvas, 100))
     exact, _ = _compare(grid, batch, 9)
     assert exact.all()
@@ -66,7 +68,7 @@ def test_equals_reference_at_coco_size(anchor_kwargs):
 
 def test_boxes_at_corners_and_beyond_small_images():
     canvas = (96, 128)
-    grid = make_anchor_grid(canvas)
+    grid = paper_grid(canvas)
     corners = []
     for x, y in [(0, 0), (128, 0), (0, 96), (128, 96), (-40, -40), (170, 130), (60, -30), (-25, 50)]:
         for size in (4.0, 20.0, 90.0):
@@ -86,7 +88,7 @@ def test_boxes_at_corners_and_beyond_small_images():
 @pytest.mark.parametrize("topk", [1, 4, 9, 25])
 def test_integer_boxes_with_exact_distance_ties(topk):
     canvas = (96, 128)
-    grid = make_anchor_grid(canvas, **NINE_ANCHORS)
+    grid = paper_grid(canvas, **NINE_ANCHORS)
     rng = np.random.default_rng(3)
     # Centres on cell corners and edges: four or two anchors at exactly the same distance.
     centers = rng.integers(0, 16, (12, 8, 2)) * 8.0 + rng.choice([0.0, 4.0], (12, 8, 2))
@@ -123,7 +125,7 @@ def test_candidates_equal_the_reference_wherever_the_check_passes(anchor_kwargs,
     # The check is the proof: where it passes, the star's candidates are the reference's, in its order. Centres
     # 1e4 to 1e7 px away (float32 offsets rounding together) and integer ones (exact ties) included.
     canvas = (96, 128)
-    grid = make_anchor_grid(canvas, **anchor_kwargs)
+    grid = paper_grid(canvas, **anchor_kwargs)
     rng = np.random.default_rng(topk)
     passed = 0
     for case in cases.random_cases(topk, 60, canvas, 12):
@@ -140,7 +142,7 @@ def test_candidates_equal_the_reference_wherever_the_check_passes(anchor_kwargs,
 def test_exact_ties_stay_on_the_fast_path():
     # The star's margin is sized so that exact distance ties with the k-th nearest location lie inside it:
     # centres on a 1/16-cell grid, in the interior and at the borders of the valid region.
-    grid = make_anchor_grid((96, 128))
+    grid = paper_grid((96, 128))
     fraction = np.arange(16) / 16
     xs = ((np.asarray([0, 1, 7, 15])[:, None] + fraction) * 8).ravel()
     ys = ((np.asarray([0, 1, 5, 11])[:, None] + fraction) * 8).ravel()
@@ -154,7 +156,7 @@ def test_exact_ties_stay_on_the_fast_path():
 
 def test_falls_back_to_the_reference_when_the_star_cannot_be_proven():
     canvas = (96, 128)
-    grid = make_anchor_grid(canvas)
+    grid = paper_grid(canvas)
     # 1e6 px below the image float32 rounds the column offsets away: all 16 columns of the last row tie,
     # the reference takes the 9 of lowest index, and the star (12 columns around x = 100) cannot prove it.
     far = np.asarray([[[95.0, 1e6, 105.0, 1e6 + 10], [10.0, 10.0, 50.0, 50.0]]], np.float32)
@@ -176,9 +178,10 @@ def test_falls_back_to_the_reference_when_the_star_cannot_be_proven():
 
 
 def test_zero_boxes_and_bad_k():
-    grid = make_anchor_grid((64, 64))
+    grid = paper_grid((64, 64))
     valid = jnp.ones((2, grid.num_anchors), bool)
-    empty = atss_grid.atss_assign_grid(grid, valid, jnp.zeros((2, 0, 4)), jnp.zeros((2, 0), bool))
+    empty = atss_grid.atss_assign_grid(grid, valid, jnp.zeros((2, 0, 4)), jnp.zeros((2, 0), bool), topk=9,
+                                       center_eps=0.01)
     assert empty.gt_index.shape == (2, grid.num_anchors) and (np.asarray(empty.gt_index) == -1).all()
     with pytest.raises(ValueError, match="topk"):
-        atss_grid.atss_assign_grid(grid, valid, jnp.zeros((2, 1, 4)), jnp.ones((2, 1), bool), topk=0)
+        atss_grid.atss_assign_grid(grid, valid, jnp.zeros((2, 1, 4)), jnp.ones((2, 1), bool), topk=0, center_eps=0.01)

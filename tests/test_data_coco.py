@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from atss_jax.data import coco, pipeline
-from configs import tiny
+from configs import demo
 
 # (image id, height, width, grayscale); annotations per image id: (category id, [x, y, w, h], iscrowd).
 IMAGES = {
@@ -80,7 +80,7 @@ def data_config(tmp_path_factory):
     # The real builder; only the download (of the zips from images.cocodataset.org) is replaced.
     with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=extracted):
         tfds.builder("coco/2017", data_dir=data_dir).download_and_prepare(file_format=coco.FILE_FORMAT)
-    config = tiny.get_config()
+    config = demo.get_config("tiny")
     config.data.name = "coco/2017"
     config.data.data_dir = data_dir
     config.data.canvas = CANVAS

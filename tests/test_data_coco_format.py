@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from atss_jax.data import coco, coco_format, datasets, pipeline
-from configs import tiny
+from configs import demo
 
 CATEGORIES = [{"id": 40, "name": "kite"}, {"id": 7, "name": "train"}, {"id": 12, "name": "bench"}]
 
@@ -37,7 +37,7 @@ def custom_config(tmp_path_factory):
         {"id": 3, "image_id": 101, "category_id": 7, "bbox": [1, 1, 15, 40], "area": 300, "iscrowd": 1},
     ]
     path = _write(folder, images, annotations)
-    config = tiny.get_config()
+    config = demo.get_config("tiny")
     config.data.name = "coco_format"
     config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
     config.data.canvas = (64, 64)
@@ -113,7 +113,7 @@ def test_unreadable_annotation_files(tmp_path):
 
 
 def test_unprepared_custom_dataset_is_a_clear_error(tmp_path):
-    config = tiny.get_config().data
+    config = demo.get_config("tiny").data
     config.name = "coco_format"
     config.coco_format.name = "never_prepared"
     config.data_dir = str(tmp_path)

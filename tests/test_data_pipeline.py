@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from atss_jax.data import pipeline
+from atss_jax.data import pipeline, transforms
 
 
 def _batches(dataset, count):
@@ -114,7 +114,7 @@ def test_bad_split_and_canvas_are_clear_errors(synthetic_data_config):
         pipeline.eval_dataset(config, batch_per_host=2, split_name="test", process_index=0, process_count=1)
     config.canvas = (100, 160)
     with pytest.raises(ValueError, match="multiples of 32"):
-        pipeline.canvases(config)
+        transforms.canvases(config)
 
 
 def test_mirrored_eval_view_holds_the_mirrored_images(synthetic_data_config):

@@ -8,12 +8,12 @@ import pytest
 from pycocotools.coco import COCO
 
 from atss_jax.data import synthetic
-from configs import tiny
+from configs import demo
 
 
 @pytest.fixture(scope="module")
 def config():
-    return tiny.get_config().data.synthetic
+    return demo.get_config("tiny").data.synthetic
 
 
 @pytest.mark.parametrize("shape", synthetic.CLASSES)

@@ -6,13 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atss_jax.anchors import make_anchor_grid
 from atss_jax.assigners import NEGATIVE
-from atss_jax.assigners.fcos import FCOS_REGRESS_RANGES, fcos_assign
+from atss_jax.assigners.fcos import fcos_assign
+from configs import base
 from tests import cases
+from tests.cases import paper_grid
 from tests.reference_assigners import fcos_reference
 
 CANVAS = (96, 128)
+FCOS_REGRESS_RANGES = tuple(tuple(r) for r in base.get_config().assigner.regress_ranges)
 # Ranges scaled to the small canvas so that every level receives boxes.
 SMALL_RANGES = ((0.0, 8.0), (8.0, 16.0), (16.0, 32.0), (32.0, 64.0), (64.0, float("inf")))
 
@@ -20,7 +22,7 @@ SMALL_RANGES = ((0.0, 8.0), (8.0, 16.0), (16.0, 32.0), (32.0, 64.0), (64.0, floa
 @pytest.mark.parametrize("radius", [None, 1.5, 0.5])
 @pytest.mark.parametrize("ranges", [FCOS_REGRESS_RANGES, SMALL_RANGES])
 def test_matches_loop_reference_on_random_cases(radius, ranges):
-    grid = make_anchor_grid(CANVAS)
+    grid = paper_grid(CANVAS)
     batch_cases = cases.random_cases(21, 56, CANVAS, max_boxes=8)
     assign = functools.partial(
         fcos_assign,
@@ -40,7 +42,7 @@ def test_matches_loop_reference_on_random_cases(radius, ranges):
 
 
 def test_hand_computed_scale_and_smallest_box():
-    grid = make_anchor_grid((64, 64), strides=(8, 16))  # level 0: 8x8 points, level 1: 4x4 points
+    grid = paper_grid((64, 64), strides=(8, 16))  # level 0: 8x8 points, level 1: 4x4 points
     gt = jnp.array([[0.0, 0.0, 64.0, 64.0], [8.0, 8.0, 24.0, 24.0]])
     result = fcos_assign(
         grid.boxes,
@@ -63,7 +65,7 @@ def test_hand_computed_scale_and_smallest_box():
 
 
 def test_centre_sampling_shrinks_the_region():
-    grid = make_anchor_grid((64, 64), strides=(8,))
+    grid = paper_grid((64, 64), strides=(8,))
     gt = jnp.array([[0.0, 0.0, 64.0, 64.0]])
     kwargs = dict(level_sizes=grid.level_sizes, level_strides=grid.strides, regress_ranges=((0.0, float("inf")),))
     valid = jnp.ones(grid.num_anchors, bool)
@@ -75,7 +77,7 @@ def test_centre_sampling_shrinks_the_region():
 
 
 def test_level_arguments_must_agree():
-    grid = make_anchor_grid((64, 64), strides=(8, 16))
+    grid = paper_grid((64, 64), strides=(8, 16))
     with pytest.raises(ValueError, match="one entry per level"):
         fcos_assign(
             grid.boxes,
@@ -84,4 +86,5 @@ def test_level_arguments_must_agree():
             jnp.ones(1, bool),
             level_sizes=grid.level_sizes,
             level_strides=grid.strides,
+            regress_ranges=FCOS_REGRESS_RANGES,  # five levels' ranges for a two-level grid
         )

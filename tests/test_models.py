@@ -1,16 +1,16 @@
-"""Detector architecture: parameter count by hand, shapes per level, the head's switches."""
+"""Detector architecture: parameter count by hand, shapes per level, the head's switches, the shared layers."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atss_jax.anchors import make_anchor_grid
-from atss_jax.models.detector import build_detector
-from atss_jax.models.fpn import FPN
-from atss_jax.models.head import ATSSHead
-from atss_jax.models.resnet import STAGE_SIZES, ResNet, stage_channels
-from configs import base, tiny
+from atss_jax.models import layers
+from atss_jax.models.detector import build_backbone, build_detector, build_head
+from atss_jax.models.resnet import STAGE_SIZES, stage_channels
+from configs import base, demo
+from tests.cases import paper_grid
 
 
 def _count(tree) -> int:
@@ -56,23 +56,25 @@ def test_atss_r50_parameter_count():
 @pytest.mark.parametrize("depth", sorted(STAGE_SIZES))
 def test_backbone_channels_and_strides(depth):
     image = jax.ShapeDtypeStruct((1, 96, 160, 3), jnp.float32)
-    model = ResNet(depth=depth)
+    backbone_config = base.get_config().model.backbone
+    backbone_config.depth = depth
+    model = build_backbone(backbone_config, jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), image)
     outputs = jax.eval_shape(model.apply, variables, image)
-    grid = make_anchor_grid((96, 160))
-    expected = [(1, *grid.level_shapes[i], c) for i, c in enumerate(stage_channels(depth))]
+    grid = paper_grid((96, 160))
+    expected = [(1, *grid.level_shapes[i], c) for i, c in enumerate(stage_channels(depth, backbone_config.width))]
     assert [tuple(o.shape) for o in outputs] == expected
 
 
 @pytest.mark.parametrize("canvas", [(96, 160), (100, 70)])
 def test_every_level_matches_the_anchor_grid(canvas):
-    config = tiny.get_config()
+    config = demo.get_config("tiny")
     model = build_detector(config.model, anchors_per_location=1)
-    grid = make_anchor_grid(canvas)
+    grid = paper_grid(canvas)
     image = jnp.zeros((2, *canvas, 3), jnp.uint8)
     variables = model.init(jax.random.key(0), image)
     features = jax.eval_shape(
-        lambda v: FPN(config.model.fpn_features).apply(
+        lambda v: model.fpn.apply(
             v, *model.backbone.apply({"params": variables["params"]["backbone"]}, image.astype(jnp.float32))
         ),
         {"params": variables["params"]["fpn"]},
@@ -84,7 +86,7 @@ def test_every_level_matches_the_anchor_grid(canvas):
 
 
 def test_initial_class_probability_is_the_prior():
-    config = tiny.get_config()
+    config = demo.get_config("tiny")
     model = build_detector(config.model, anchors_per_location=1)
     image = jnp.asarray(np.random.default_rng(0).integers(0, 255, (1, 64, 64, 3)), jnp.uint8)
     variables = model.init(jax.random.key(0), image)
@@ -93,7 +95,7 @@ def test_initial_class_probability_is_the_prior():
 
 
 def test_head_switches():
-    config = tiny.get_config()
+    config = demo.get_config("tiny")
     with config.unlocked():
         config.model.head.use_centerness = False
         config.model.head.use_group_norm = False
@@ -113,7 +115,7 @@ def test_head_switches():
 
 def test_resnext_dcn_detector_places_deformable_convs_where_the_paper_does():
     """Grouped 3x3s everywhere; DCNv2 in the 3x3s of stages 2-4 and the last conv of each head tower."""
-    config = tiny.get_config()
+    config = demo.get_config("tiny")
     config.model.backbone.depth = 50
     config.model.backbone.width = 8
     config.model.backbone.groups = 4
@@ -130,14 +132,16 @@ def test_resnext_dcn_detector_places_deformable_convs_where_the_paper_does():
     last = config.model.head.num_convs - 1
     assert sorted(k for k, v in head.items() if "conv_offset" in v) == [f"box_conv{last}", f"cls_conv{last}"]
     outputs = jax.eval_shape(model.apply, variables, image)
-    assert outputs[0].shape == (1, make_anchor_grid((64, 96)).num_anchors, config.model.num_classes)
+    assert outputs[0].shape == (1, paper_grid((64, 96)).num_anchors, config.model.num_classes)
     config.model.backbone.depth = 18
     with pytest.raises(ValueError, match="bottleneck"):
         jax.eval_shape(build_detector(config.model, 1).init, jax.random.key(0), image)
 
 
 def test_deformable_head_tower_trains_its_offsets():
-    head = ATSSHead(num_classes=3, features=8, num_convs=2, deformable_tower=True)
+    head_config = demo.get_config("tiny").model.head
+    head_config.features, head_config.num_convs, head_config.deformable_tower = 8, 2, True
+    head = build_head(head_config, num_classes=3, anchors_per_location=1, dtype=jnp.float32)
     rng = np.random.default_rng(3)
     levels = [jnp.asarray(rng.normal(size=(1, n, n, 8)), jnp.float32) for n in (8, 4)]
     variables = head.init(jax.random.key(0), levels)
@@ -152,7 +156,7 @@ def test_deformable_head_tower_trains_its_offsets():
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
-    config = tiny.get_config()
+    config = demo.get_config("tiny")
     config.model.dtype = "bfloat16"
     model = build_detector(config.model, anchors_per_location=1)
     image = jnp.zeros((1, 64, 64, 3), jnp.uint8)
@@ -165,7 +169,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
 def test_frozen_stages_get_no_gradient_and_are_masked(frozen_stages):
     from atss_jax.models.detector import frozen_parameter_mask
 
-    config = tiny.get_config()
+    config = demo.get_config("tiny")
     config.model.backbone.frozen_stages = frozen_stages
     model = build_detector(config.model, anchors_per_location=1)
     image = jnp.asarray(np.random.default_rng(2).integers(0, 255, (1, 64, 64, 3)), jnp.uint8)
@@ -186,3 +190,41 @@ def test_frozen_stages_get_no_gradient_and_are_masked(frozen_stages):
             assert gradient_is_zero, names
         elif names.startswith("backbone/") and names.endswith("kernel"):
             assert not gradient_is_zero, names
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 7])
+def test_conv_builder_pads_half_the_kernel_on_each_side(kernel):
+    """torchvision's padding: stride 2 maps 9 x 12 to 5 x 6, and the deformable layer (zero offsets, masks of
+    sigmoid(0) when fresh) samples the pixels the plain one does."""
+    inputs = jnp.asarray(np.random.default_rng(kernel).normal(size=(1, 9, 12, 4)), jnp.float32)
+    options = {"kernel_init": nn.initializers.normal(1.0), "bias_init": nn.initializers.normal(1.0),
+               "dtype": jnp.float32, "groups": 2}
+    plain = layers.conv(6, kernel, 2, **options)
+    params = plain.init(jax.random.key(0), inputs)["params"]
+    want = jax.lax.conv_general_dilated(
+        inputs, params["kernel"], (2, 2), [(kernel // 2, kernel // 2)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=2, precision=jax.lax.Precision.HIGHEST) + params["bias"]
+    got = plain.apply({"params": params}, inputs)
+    assert got.shape == (1, 5, 6, 6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    deformable = layers.conv(6, kernel, 2, deformable=True, **options)
+    offsets = deformable.init(jax.random.key(1), inputs)["params"]["conv_offset"]
+    halved = deformable.apply({"params": {**params, "conv_offset": offsets}}, inputs)
+    np.testing.assert_allclose(halved, 0.5 * (want - params["bias"]) + params["bias"], rtol=1e-5, atol=1e-4)
+
+
+def test_norm_factory_only_trainable_bn_depends_on_train():
+    x = jnp.asarray(np.random.default_rng(4).normal(2.0, 3.0, size=(4, 5, 5, 8)), jnp.float32)
+    batch_norm = layers.make_norm("bn", jnp.float32)
+    variables = batch_norm(False)().init(jax.random.key(0), x)
+    training, updates = batch_norm(True)().apply(variables, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(training.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)  # batch statistics
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * x.mean(axis=(0, 1, 2)), rtol=1e-4)
+    np.testing.assert_allclose(batch_norm(False)().apply(variables, x), x / np.sqrt(1 + 1e-5), rtol=1e-5)
+    for train in (False, True):
+        assert layers.make_norm("frozen_bn", jnp.float32)(train) is layers.FrozenBatchNorm
+        group_norm = layers.make_norm("gn", jnp.float32)(train)()
+        assert jax.tree.map(jnp.shape, group_norm.init(jax.random.key(0), x)) == {
+            "params": {"norm": {"scale": (8,), "bias": (8,)}}}
+    with pytest.raises(ValueError, match="frozen_bn"):
+        layers.make_norm("layer_norm", jnp.float32)

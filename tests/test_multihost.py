@@ -24,7 +24,7 @@ def _run_two_hosts(workdir, data_dir, *flags):
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": ROOT}
     processes = [subprocess.Popen(
-        [sys.executable, "-m", "atss_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+        [sys.executable, "-m", "atss_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
          f"--config.data.data_dir={data_dir}", f"--coordinator_address=localhost:{port}", "--num_processes=2",
          f"--process_id={i}", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]

@@ -13,10 +13,11 @@ from pycocotools.cocoeval import COCOeval
 
 from atss_jax import boxes as box_lib
 from atss_jax import losses, postprocess
-from atss_jax.anchors import anchor_valid_mask, make_anchor_grid
+from atss_jax.anchors import anchor_valid_mask
 from atss_jax.assigners import build_assigner
 from atss_jax.models.detector import build_detector
-from configs import tiny
+from configs import demo
+from tests.cases import paper_grid
 
 CANVAS = (64, 64)
 BOXES = np.array([[4.0, 4.0, 26.0, 22.0], [30.0, 6.0, 60.0, 40.0], [8.0, 34.0, 40.0, 60.0]], np.float32)
@@ -71,9 +72,9 @@ def _coco_ap(detections: postprocess.Detections) -> float:
 
 @pytest.mark.parametrize("regression", ["box", "point"])
 def test_tiny_detector_overfits_one_image(regression):
-    config = tiny.get_config()
+    config = demo.get_config("tiny")
     config.model.head.regression = regression
-    grid = make_anchor_grid(CANVAS)
+    grid = paper_grid(CANVAS)
     model = build_detector(config.model, grid.anchors_per_location)
     assign = build_assigner(config.assigner, grid)
     image = jnp.asarray(_image())[None]

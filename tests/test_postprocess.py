@@ -93,6 +93,9 @@ def test_select_detections_hand_case():
         jnp.array([40, 100]),
         jnp.float32(2.0),
         level_sizes=(3,),
+        score_threshold=0.05,
+        pre_nms_topk=1000,
+        iou_threshold=0.6,
         max_detections=3,
     )
     valid = np.asarray(detections.valid)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from atss_jax import evaluate
+from atss_jax import coco_eval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +38,7 @@ def test_demo_trains_evaluates_and_prints_the_coco_table(demo_run):
     workdir, _, stdout = demo_run
     assert "COCO box metrics at step 2" in stdout and "| AP | AP50 |" in stdout
     with open(workdir / "metrics.json") as f:
-        assert list(json.load(f)["metrics"]) == list(evaluate.METRIC_NAMES)
+        assert list(json.load(f)["metrics"]) == list(coco_eval.METRIC_NAMES)
 
 
 def test_export_and_predict_command_lines(demo_run, tmp_path):
@@ -47,7 +47,7 @@ def test_export_and_predict_command_lines(demo_run, tmp_path):
           f"--export_dir={tmp_path / 'export'}", "--bf16", f"--config.data.data_dir={data_dir}", *SMALL_DEMO[:2]])
     images = next(p for p, _, files in os.walk(data_dir) if p.endswith(os.path.join("images", "validation")))
     image = os.path.join(images, sorted(os.listdir(images))[0])
-    _run(["-m", "atss_jax.predict", f"--export_dir={tmp_path / 'export'}", f"--out_dir={tmp_path / 'out'}", image])
+    _run(["-m", "scripts.predict", f"--export_dir={tmp_path / 'export'}", f"--out_dir={tmp_path / 'out'}", image])
     with open(tmp_path / "out" / "detections.json") as f:
         (record,) = json.load(f)
     assert record["file"] == image
@@ -67,7 +67,7 @@ def test_sweep_k_prints_commands_and_collects(tmp_path):
     assert len(printed) == 2 and "--config.assigner.topk=5" in printed[0] and "--config.train.num_steps=7" in printed[0]
     for k, ap in ((5, 0.25), (9, 0.5)):
         os.makedirs(tmp_path / f"k{k}")
-        metrics = {name: ap for name in evaluate.METRIC_NAMES}
+        metrics = {name: ap for name in coco_eval.METRIC_NAMES}
         (tmp_path / f"k{k}" / "metrics.json").write_text(json.dumps({"metrics": metrics}))
     table = _run(["-m", "scripts.sweep_k", "--config=configs/demo.py", f"--root={tmp_path}", "--ks=5,9",
                   "--collect_only"]).stdout
@@ -95,3 +95,13 @@ def test_benchmark_assign_checks_agreement_and_writes_its_table(tmp_path):
     assert [row["name"] for row in rows] == ["jax grid-aware", "jax full-matrix", "numpy per image", "numpy per box"]
     assert all(row["median_s"] > 0 for row in rows) and rows[0]["ratio"] == 1.0
     assert rows[0]["back_to_back_s"] > 0 and rows[2]["back_to_back_s"] is None
+
+
+def test_benchmark_train_times_the_step_with_and_without_the_assigner(tmp_path):
+    out = tmp_path / "train.json"
+    _run(["-m", "scripts.benchmark_train", "--config=configs/demo.py:tiny", "--batch_per_device=2", "--steps=1",
+          f"--out={out}"])
+    result = json.loads(out.read_text())
+    assert result["canvas"] == [128, 160] and result["batch_per_device"] == 2
+    assert result["step_ms"] > 0 and result["step_ms_precomputed_assignment"] > 0
+    assert 0 <= result["assignment_share"] < 1 and result["gflops_per_image"] > 0

@@ -9,8 +9,9 @@ nn = torch.nn
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from atss_jax.models.resnet import ResNet  # noqa: E402
+from atss_jax.models.detector import build_backbone  # noqa: E402
 from atss_jax.models.torchvision_import import convert_resnet, load_state_dict  # noqa: E402
+from configs import base  # noqa: E402
 
 
 class TorchBlock(nn.Module):
@@ -82,6 +83,13 @@ def _torch_model(depth, groups=1, width_per_group=64):
     return model.eval()
 
 
+def _backbone(**fields):
+    """A float32 backbone of the base config (frozen BN, width 64, two frozen stages) with ``fields`` changed."""
+    backbone_config = base.get_config().model.backbone
+    backbone_config.update(fields)
+    return build_backbone(backbone_config, jnp.float32)
+
+
 def _variables(model, image):
     variables = model.init(jax.random.key(0), image)
     return {name: tree for name, tree in variables.items()}
@@ -97,7 +105,7 @@ def test_converted_backbone_matches_torch(depth, groups, width_per_group, tmp_pa
 
     path = tmp_path / "resnet.npz"
     np.savez(path, **{k: v.numpy() for k, v in torch_model.state_dict().items()})
-    model = ResNet(depth=depth, norm="frozen_bn", groups=groups, width_per_group=width_per_group)
+    model = _backbone(depth=depth, norm="frozen_bn", groups=groups, width_per_group=width_per_group)
     nhwc = jnp.asarray(image.transpose(0, 2, 3, 1))
     variables = convert_resnet(load_state_dict(str(path)), _variables(model, nhwc), "frozen_bn")
     outputs = model.apply(variables, nhwc)
@@ -120,7 +128,7 @@ def test_plain_weights_load_into_deformable_stages(tmp_path):
         expected = [t.numpy().transpose(0, 2, 3, 1) for t in torch_model(torch.from_numpy(image))]
     state = {k: v.numpy() * (2.0 if k.endswith("conv2.weight") and not k.startswith("layer1") else 1.0)
              for k, v in torch_model.state_dict().items()}
-    model = ResNet(depth=50, norm="frozen_bn", groups=32, width_per_group=4, deformable_stages=(2, 3, 4))
+    model = _backbone(depth=50, norm="frozen_bn", groups=32, width_per_group=4, deformable_stages=(2, 3, 4))
     nhwc = jnp.asarray(image.transpose(0, 2, 3, 1))
     variables = convert_resnet(state, _variables(model, nhwc), "frozen_bn")
     offset_kernel = variables["params"]["layer3_0"]["conv2"]["conv_offset"]["kernel"]
@@ -133,7 +141,7 @@ def test_plain_weights_load_into_deformable_stages(tmp_path):
 @pytest.mark.parametrize("groups,width_per_group,torchvision_count", [(32, 8, 88_791_336), (64, 4, 83_455_272)])
 def test_resnext101_has_torchvisions_parameter_count(groups, width_per_group, torchvision_count):
     """torchvision's published sizes of resnext101_32x8d and _64x4d, less the 1000-way classifier."""
-    model = ResNet(depth=101, groups=groups, width_per_group=width_per_group)
+    model = _backbone(depth=101, groups=groups, width_per_group=width_per_group)
     variables = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
     leaves = jax.tree_util.tree_leaves_with_path(variables["frozen"])
     bn_affine = sum(int(np.prod(leaf.shape)) for path, leaf in leaves if path[-1].key in ("scale", "bias"))
@@ -146,7 +154,7 @@ def test_pth_file_and_trainable_bn(tmp_path):
     torch_model = _torch_model(18)
     path = tmp_path / "resnet18.pth"
     torch.save(torch_model.state_dict(), path)
-    model = ResNet(depth=18, norm="bn")
+    model = _backbone(depth=18, norm="bn")
     image = jnp.zeros((1, 64, 64, 3))
     variables = convert_resnet(load_state_dict(str(path)), _variables(model, image), "bn")
     np.testing.assert_allclose(variables["batch_stats"]["bn1"]["var"], torch_model.bn1.running_var.numpy())
@@ -155,7 +163,7 @@ def test_pth_file_and_trainable_bn(tmp_path):
 
 def test_wrong_depth_and_corrupt_files_are_named(tmp_path):
     state = {k: v.numpy() for k, v in _torch_model(18).state_dict().items()}
-    model = ResNet(depth=50, norm="frozen_bn")
+    model = _backbone(depth=50, norm="frozen_bn")
     with pytest.raises(ValueError, match=r"missing|unexpected|shape"):
         convert_resnet(state, _variables(model, jnp.zeros((1, 64, 64, 3))), "frozen_bn")
     corrupt = tmp_path / "broken.npz"
@@ -168,12 +176,12 @@ def test_wrong_depth_and_corrupt_files_are_named(tmp_path):
 
 def test_detector_init_loads_the_configured_backbone(tmp_path):
     from atss_jax.models.detector import build_detector, init_detector
-    from configs import tiny
+    from configs import demo
 
     torch_model = _torch_model(18)
     path = tmp_path / "resnet18.npz"
     np.savez(path, **{k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
-    config = tiny.get_config()
+    config = demo.get_config("tiny")
     config.model.backbone.width = 64
     config.model.backbone.norm = "frozen_bn"
     config.model.backbone.pretrained = str(path)

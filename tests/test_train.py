@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from atss_jax import checkpoint, evaluate, train
+from atss_jax import checkpoint, coco_eval, evaluator, train
 from atss_jax.data import pipeline, synthetic
-from atss_jax.inference import Detector
-from atss_jax.models.detector import build_detector
-from configs import tiny
+from atss_jax.serving import Detector
+from configs import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(data_dir):
-    config = tiny.get_config()
+    config = demo.get_config("tiny")
     config.data.data_dir = data_dir
     return config
 
@@ -29,13 +28,16 @@ def _config(data_dir):
 def _run_training(workdir, data_dir, devices, *overrides):
     """Trains the tiny config in a fresh process with `devices` simulated CPU devices."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": ROOT}
-    command = [sys.executable, "-m", "atss_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+    command = [sys.executable, "-m", "atss_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
                f"--config.data.data_dir={data_dir}", *overrides]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 def _final_state(config, workdir, step=None):
-    return jax.device_get(train.restore_training(config, workdir, step, require_checkpoint=True)[-1])
+    """The train state of checkpoint `step` (default: the latest) of `workdir`."""
+    checkpoints = checkpoint.TrainCheckpoints(checkpoint.checkpoint_dir(workdir), config.train)
+    assert checkpoints.manager.latest_step() is not None, f"no checkpoint in {workdir}"
+    return jax.device_get(checkpoints.restore(train.create_training(config).state, step))
 
 
 def _scalars(workdir, tag):
@@ -113,10 +115,7 @@ def test_one_and_eight_devices_agree(trained):
 
 
 def _initial_params(config):
-    canvas = pipeline.canvases(config.data)[0]
-    model = build_detector(config.model, train.anchor_grid(config, canvas).anchors_per_location)
-    state, _ = train.create_train_state(config, model, canvas, train.make_mesh())
-    return jax.device_get(state.params)
+    return jax.device_get(train.create_training(config).state.params)
 
 
 def test_evaluation_writes_the_twelve_coco_numbers(trained):
@@ -124,7 +123,7 @@ def test_evaluation_writes_the_twelve_coco_numbers(trained):
     with open(os.path.join(workdirs[1], "metrics.json")) as f:
         summary = json.load(f)
     assert summary["step"] == 3
-    assert list(summary["metrics"]) == list(evaluate.METRIC_NAMES)
+    assert list(summary["metrics"]) == list(coco_eval.METRIC_NAMES)
     assert len(summary["per_class_ap"]) == 4
     assert os.path.exists(os.path.join(workdirs[1], "eval", "step_3", "detections_0.png"))
 
@@ -143,7 +142,7 @@ def test_resume_after_preemption_equals_an_uninterrupted_run(trained, tmp_path, 
 
 
 def test_sigterm_requests_a_stop(tmp_path):
-    checkpoints = checkpoint.TrainCheckpoints(tmp_path, tiny.get_config().train)
+    checkpoints = checkpoint.TrainCheckpoints(tmp_path, demo.get_config("tiny").train)
     assert not checkpoints.should_stop(1)
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -159,7 +158,7 @@ def test_export_detector_predicts_what_evaluation_detected(trained, tmp_path):
     data_dir, workdirs = trained
     config = _config(data_dir)
     config.eval.score_threshold = 0.0  # an untrained model: keep its low-score detections to compare
-    train.evaluate_checkpoint(config, workdirs[1])
+    evaluator.evaluate_checkpoint(config, workdirs[1])
     with open(os.path.join(workdirs[1], "eval", "step_3", "detections_host0.json")) as f:
         evaluated = json.load(f)
     export.export(config, workdirs[1], str(tmp_path / "export"))
@@ -179,10 +178,10 @@ def test_export_detector_predicts_what_evaluation_detected(trained, tmp_path):
 
 def test_ground_truth_from_tfds_and_both_evaluators_equal_the_official_path(synthetic_data_config):
     split = pipeline.open_split(synthetic_data_config, "validation")
-    built = evaluate.ground_truth_from_split(split)
+    built = coco_eval.ground_truth_from_split(split)
     path = os.path.join(synthetic.source_dir(synthetic_data_config.synthetic, synthetic_data_config.data_dir),
                         "annotations", "instances_validation.json")
-    official = evaluate.load_ground_truth(path)
+    official = coco_eval.load_ground_truth(path)
     rng = np.random.default_rng(0)
     detections = []
     for annotation in official["annotations"]:
@@ -191,12 +190,12 @@ def test_ground_truth_from_tfds_and_both_evaluators_equal_the_official_path(synt
         detections.append({"image_id": annotation["image_id"], "category_id": int(rng.choice([1, 2, 3, 4])),
                            "bbox": [x + jitter[0], y + jitter[1], max(w + jitter[2], 1), max(h + jitter[3], 1)],
                            "score": float(rng.random())})
-    reference, reference_per_class = evaluate.coco_metrics(official, detections, "pycocotools")
+    reference, reference_per_class = coco_eval.coco_metrics(official, detections, "pycocotools")
     assert 0 < reference["AP"] < 1
-    for evaluator in evaluate.EVALUATORS:
-        ours, ours_per_class = evaluate.coco_metrics(built, detections, evaluator)
-        assert ours == pytest.approx(reference, abs=1e-6), evaluator
-        assert ours_per_class == pytest.approx(reference_per_class, abs=1e-6), evaluator
+    for scorer in coco_eval.EVALUATORS:
+        ours, ours_per_class = coco_eval.coco_metrics(built, detections, scorer)
+        assert ours == pytest.approx(reference, abs=1e-6), scorer
+        assert ours_per_class == pytest.approx(reference_per_class, abs=1e-6), scorer
 
 
 def test_misspelt_config_key_is_a_clear_error(tmp_path):

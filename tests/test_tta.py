@@ -2,15 +2,18 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
-from atss_jax import evaluate, train, tta
-from configs import tiny
+from atss_jax import checkpoint, coco_eval, evaluator, parallel, train, tta
+from atss_jax.anchors import anchors_per_location
+from atss_jax.models.detector import abstract_variables, build_detector
+from configs import demo
 
 
 def test_views_scale_canvas_and_cap_with_the_short_side():
-    config = tiny.get_config()  # canvas (128, 160), eval short side 128, long-side cap 160
+    config = demo.get_config("tiny")  # canvas (128, 160), eval short side 128, long-side cap 160
     config.eval.tta.min_sizes = (128, 144, 64)
     config.eval.tta.flip = True
     views = tta.views(config)
@@ -107,7 +110,7 @@ def trained(synthetic_data_config, tmp_path_factory):
     Evaluation reads the training images: what the check needs is a model that detects well (about 45
     AP here); held-out AP at that level needs minutes more training than a test can take.
     """
-    config = tiny.get_config()
+    config = demo.get_config("tiny")
     config.data.data_dir = synthetic_data_config.data_dir
     config.data.eval_split = "train"
     config.train.num_steps = 400
@@ -129,7 +132,7 @@ def _evaluate_with_views(trained, min_sizes, flip):
     config = config.copy_and_resolve_references()
     config.eval.tta.min_sizes = min_sizes
     config.eval.tta.flip = flip
-    summary = train.evaluate_checkpoint(config, str(workdir))
+    summary = evaluator.evaluate_checkpoint(config, str(workdir))
     detections = json.loads((workdir / "eval" / "step_400" / "detections_host0.json").read_text())
     return summary, detections
 
@@ -147,20 +150,21 @@ def test_flip_and_scales_give_the_loop_merge_of_the_separate_views(trained):
     whatever that does to AP (on a 400-step model it may lower it)."""
     config, workdir, _, _ = trained
     _, merged_detections = _evaluate_with_views(trained, (112, 128), True)
-    mesh, model, optimizer, _, state = train.restore_training(config, str(workdir), require_checkpoint=True)
-    _, eval_fn = train.compile_steps(config, model, optimizer, mesh)
-    variables = {"params": state.params, **state.model_state}
     tta_config = config.copy_and_resolve_references()
     tta_config.eval.tta.min_sizes, tta_config.eval.tta.flip = (112, 128), True
-    views = tta.views(tta_config)
-    assert [(v.short_side, v.flip) for v in views] == [(112, False), (112, True), (128, False), (128, True)]
-    predicted = [train.predict_split(view.data_config, variables, eval_fn, mesh, config.eval.batch_per_device,
-                                     horizontal_flip=view.flip) for view in views]
+    mesh = parallel.make_mesh()
+    model = build_detector(config.model, anchors_per_location(config.anchors), axis_name=parallel.AXIS)
+    replicated = jax.sharding.NamedSharding(mesh, parallel.REPLICATED_SPEC)
+    variables = checkpoint.restore_variables(workdir, abstract_variables(model, tuple(config.data.canvas),
+                                                                         replicated)).variables
+    evaluate = evaluator.Evaluator(tta_config, model, mesh)
+    assert [(v.short_side, v.flip) for v in evaluate.views] == [(112, False), (112, True), (128, False), (128, True)]
+    predicted = [evaluate.predict(variables, view) for view in evaluate.views]
     views = [predictions for _, predictions, _ in predicted]
     reference = _loop_merge(views, config.eval.nms_iou_threshold, config.eval.max_detections)
-    expected = evaluate.detections_to_coco(views[0]["image_id"], reference["boxes"], reference["scores"],
-                                           reference["classes"], reference["valid"], views[0]["original_size"],
-                                           predicted[0][0].category_ids)
+    expected = coco_eval.detections_to_coco(views[0]["image_id"], reference["boxes"], reference["scores"],
+                                            reference["classes"], reference["valid"], views[0]["original_size"],
+                                            predicted[0][0].category_ids)
     assert len(expected) > 100
 
     def order(detection):

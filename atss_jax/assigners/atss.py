@@ -108,9 +108,9 @@ def atss_assign(
     gt_valid: jax.Array,
     *,
     level_sizes: Sequence[int],
-    topk: int = 9,
-    anchors_per_location: int = 1,
-    center_eps: float = 0.01,
+    topk: int,
+    anchors_per_location: int,
+    center_eps: float,
 ) -> AssignResult:
     """ATSS assignment for one image; batch it with ``jax.vmap``.
 

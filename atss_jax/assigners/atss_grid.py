@@ -228,8 +228,8 @@ def atss_assign_grid(
     gt_boxes: jax.Array,
     gt_valid: jax.Array,
     *,
-    topk: int = 9,
-    center_eps: float = 0.01,
+    topk: int,
+    center_eps: float,
 ) -> AssignResult:
     """ATSS for a batch, equal to ``vmap(atss_assign)`` (ties included), in O(G * L * k^2 log k) per image.
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -11,8 +10,6 @@ import numpy as np
 
 from atss_jax import boxes as box_lib
 from atss_jax.assigners.result import NEGATIVE, AssignResult, positives_per_box
-
-FCOS_REGRESS_RANGES = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, math.inf))
 
 
 def fcos_assign(
@@ -23,7 +20,7 @@ def fcos_assign(
     *,
     level_sizes: Sequence[int],
     level_strides: Sequence[int],
-    regress_ranges: Sequence[tuple[float, float]] = FCOS_REGRESS_RANGES,
+    regress_ranges: Sequence[tuple[float, float]],
     center_sampling_radius: float | None = None,
 ) -> AssignResult:
     """FCOS assignment for one image; batch it with ``jax.vmap``.

@@ -15,9 +15,9 @@ def max_iou_assign(
     gt_boxes: jax.Array,
     gt_valid: jax.Array,
     *,
-    pos_iou_thr: float = 0.5,
-    neg_iou_thr: float = 0.4,
-    low_quality_matches: bool = True,
+    pos_iou_thr: float,
+    neg_iou_thr: float,
+    low_quality_matches: bool,
 ) -> AssignResult:
     """Max-IoU assignment for one image; batch it with ``jax.vmap``.
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from atss_jax.data import transforms
+
 # COCO's 80 detection categories are ids 1..90 with ten ids unused; TFDS numbers them 0..79 in id order.
 _UNUSED_COCO_IDS = frozenset({12, 26, 29, 30, 45, 66, 68, 69, 71, 83})
 COCO_CATEGORY_IDS: tuple[int, ...] = tuple(i for i in range(1, 91) if i not in _UNUSED_COCO_IDS)
@@ -74,13 +76,6 @@ def category_ids(builder: tfds.core.DatasetBuilder) -> tuple[int, ...]:
     )
 
 
-def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-    """JPEG/PNG/BMP bytes -> [h, w, 3] uint8 RGB (grayscale and RGBA converted)."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
-    image.set_shape([None, None, 3])
-    return image
-
-
 def decode_example(example: dict) -> dict[str, tf.Tensor]:
     """One TFDS example, its image still encoded, -> pixels and boxes in the original image.
 
@@ -88,7 +83,7 @@ def decode_example(example: dict) -> dict[str, tf.Tensor]:
       image: [h, w, 3] uint8; boxes: [n, 4] float32 xyxy pixels of the original image;
       labels: [n] int32; is_crowd: [n] bool; image_id: [] int64.
     """
-    image = decode_image(example["image"])
+    image = transforms.decode_image(example["image"])
     size = tf.cast(tf.shape(image)[:2], tf.float32)
     ymin, xmin, ymax, xmax = tf.unstack(tf.reshape(example["objects"]["bbox"], [-1, 4]), axis=1)
     boxes = tf.stack([xmin * size[1], ymin * size[0], xmax * size[1], ymax * size[0]], axis=1)

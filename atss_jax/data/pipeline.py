@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import hashlib
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -87,9 +88,7 @@ class Split:
         # JPEG headers give the size without decoding; other formats are decoded.
         if_jpeg = tf.strings.substr(encoded, 0, 2) == b"\xff\xd8"
         return tf.cond(if_jpeg, lambda: tf.image.extract_jpeg_shape(encoded)[:2],
-                       lambda: tf.shape(coco.decode_image(encoded))[:2])
-
-
+                       lambda: tf.shape(transforms.decode_image(encoded))[:2])
 
 
 def open_split(data_config: ml_collections.ConfigDict, split: str) -> Split:
@@ -101,16 +100,17 @@ def open_split(data_config: ml_collections.ConfigDict, split: str) -> Split:
     return Split(builder, split)
 
 
-def canvases(data_config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
-    """The canvas of each bucket: the configured one, and with buckets its transpose."""
-    height, width = data_config.canvas
-    if height % 32 or width % 32:
-        raise ValueError(f"config.data.canvas={tuple(data_config.canvas)} must be multiples of 32.")
-    if not data_config.aspect_ratio_buckets:
-        return ((height, width),)
-    if height == width:
-        raise ValueError("config.data.aspect_ratio_buckets needs a non-square config.data.canvas.")
-    return ((height, width), (width, height))
+class Categories(NamedTuple):
+    """The dataset's categories in label order 0..C-1."""
+
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+
+def categories(data_config: ml_collections.ConfigDict) -> Categories:
+    """The categories of the configured dataset (opening its training split: the demo is generated)."""
+    split = open_split(data_config, data_config.train_split)
+    return Categories(split.category_ids, tuple(split.builder.info.features["objects"]["label"].names))
 
 
 def buckets_of(split: Split, data_config: ml_collections.ConfigDict) -> np.ndarray:
@@ -183,7 +183,7 @@ def _example_dataset(split: Split, data_config: ml_collections.ConfigDict, eleme
                      short_sides: Sequence[int], random_flip: bool, seed: int, batch_size: int,
                      flip_all: bool = False) -> tf.data.Dataset:
     """(index, bucket, position, valid) elements -> batches of the batch dict; `flip_all` mirrors every image."""
-    bucket_canvases = canvases(data_config)
+    bucket_canvases = transforms.canvases(data_config)
     seed = _seed_int(seed)
 
     def load(index, bucket, position, valid):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from atss_jax.models import layers
 from atss_jax.models.fpn import FPN
 from atss_jax.models.head import ATSSHead
 from atss_jax.models.resnet import ResNet
@@ -33,34 +36,53 @@ class ATSSDetector(nn.Module):
         return self.head(self.fpn(c3, c4, c5))
 
 
+def build_backbone(backbone_config: ml_collections.ConfigDict, dtype: jnp.dtype,
+                   axis_name: str | None = None) -> ResNet:
+    """The ResNet of ``backbone_config`` (``config.model.backbone``); trainable BN syncs over ``axis_name``."""
+    return ResNet(
+        depth=backbone_config.depth,
+        frozen_stages=backbone_config.frozen_stages,
+        width=backbone_config.width,
+        groups=backbone_config.groups,
+        width_per_group=backbone_config.width_per_group,
+        deformable_stages=tuple(backbone_config.deformable_stages),
+        conv=functools.partial(layers.conv, dtype=dtype),
+        norm=layers.make_norm(backbone_config.norm, dtype, axis_name),
+    )
+
+
+def build_fpn(features: int, dtype: jnp.dtype) -> FPN:
+    """The FPN of ``features`` (``config.model.fpn_features``) channels."""
+    return FPN(features=features, conv=functools.partial(layers.conv, dtype=dtype))
+
+
+def build_head(head_config: ml_collections.ConfigDict, num_classes: int, anchors_per_location: int,
+               dtype: jnp.dtype) -> ATSSHead:
+    """The head of ``head_config`` (``config.model.head``); GroupNorm in the towers if it asks for it."""
+    return ATSSHead(
+        num_classes=num_classes,
+        anchors_per_location=anchors_per_location,
+        features=head_config.features,
+        num_convs=head_config.num_convs,
+        regression=head_config.regression,
+        use_centerness=head_config.use_centerness,
+        use_scales=head_config.use_scales,
+        deformable_tower=head_config.deformable_tower,
+        prior_prob=head_config.prior_prob,
+        conv=functools.partial(layers.conv, dtype=dtype),
+        norm=functools.partial(layers.GroupNorm, dtype=dtype) if head_config.use_group_norm else None,
+    )
+
+
 def build_detector(config: ml_collections.ConfigDict, anchors_per_location: int,
                    axis_name: str | None = None) -> ATSSDetector:
     """The detector of ``config.model`` (see ``configs/base.py``); trainable BN syncs over ``axis_name``."""
     dtype = jnp.dtype(config.dtype)
-    backbone = ResNet(
-        depth=config.backbone.depth,
-        norm=config.backbone.norm,
-        frozen_stages=config.backbone.frozen_stages,
-        width=config.backbone.width,
-        groups=config.backbone.groups,
-        width_per_group=config.backbone.width_per_group,
-        deformable_stages=tuple(config.backbone.deformable_stages),
-        dtype=dtype,
-        axis_name=axis_name,
+    return ATSSDetector(
+        backbone=build_backbone(config.backbone, dtype, axis_name),
+        fpn=build_fpn(config.fpn_features, dtype),
+        head=build_head(config.head, config.num_classes, anchors_per_location, dtype),
     )
-    head = ATSSHead(
-        num_classes=config.num_classes,
-        anchors_per_location=anchors_per_location,
-        features=config.head.features,
-        num_convs=config.head.num_convs,
-        regression=config.head.regression,
-        use_group_norm=config.head.use_group_norm,
-        use_centerness=config.head.use_centerness,
-        use_scales=config.head.use_scales,
-        deformable_tower=config.head.deformable_tower,
-        dtype=dtype,
-    )
-    return ATSSDetector(backbone=backbone, fpn=FPN(config.fpn_features, dtype), head=head)
 
 
 def init_detector(
@@ -71,6 +93,14 @@ def init_detector(
     if config.backbone.pretrained:
         variables = load_pretrained_backbone(variables, config.backbone.pretrained, config.backbone.norm)
     return variables
+
+
+def abstract_variables(model: ATSSDetector, canvas: tuple[int, int],
+                       sharding: jax.sharding.Sharding | None = None) -> dict:
+    """The model's variables as ``jax.ShapeDtypeStruct`` leaves (placed with ``sharding``): what a restore
+    fills, computed without initialising anything or loading pretrained weights."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *canvas, 3), jnp.uint8))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
 def frozen_parameter_mask(params: dict, frozen_stages: int) -> dict:

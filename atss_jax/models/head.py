@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -10,10 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from atss_jax.boxes import REGRESSIONS
-from atss_jax.models.deform_conv import ModulatedDeformConv
-from atss_jax.models.resnet import GroupNorm
+from atss_jax.models.layers import ModuleDef
 
-head_init = nn.initializers.normal(0.01)
+# N(0, 0.01) for every head convolution, the official code's initialisation.
+KERNEL_INIT = nn.initializers.normal(0.01)
 
 
 class Scale(nn.Module):
@@ -25,65 +26,58 @@ class Scale(nn.Module):
 
 
 class ATSSHead(nn.Module):
-    """Per level: a classification tower and a box tower of ``num_convs`` x (3x3 conv, GN, ReLU).
+    """Per level: a classification tower and a box tower of ``num_convs`` x (3x3 conv, norm, ReLU).
 
-    Outputs, each flattened in the anchors' ``(y, x, anchor)`` order and concatenated over levels:
-    ``class_logits [B, A, C]``, ``box_regression [B, A, 4]`` (deltas for ``regression="box"``;
-    non-negative LTRB distances in strides for ``"point"``) and ``centerness_logits [B, A]``
-    (zeros when ``use_centerness`` is off).
+    ``levels``: the FPN's ``[B, H_l, W_l, features]``. Outputs, each flattened in the anchors'
+    ``(y, x, anchor)`` order and concatenated over levels, float32: ``class_logits [B, A, C]``,
+    ``box_regression [B, A, 4]`` (deltas for ``regression="box"``; non-negative LTRB distances in
+    strides for ``"point"``) and ``centerness_logits [B, A]`` (zeros when ``use_centerness`` is off).
 
-    Attributes: the paper's Table 1 switches are ``use_group_norm``, ``use_centerness`` and
-    ``use_scales``; ``anchors_per_location`` is #A; ``deformable_tower`` makes the last conv of each
-    tower a DCNv2 (the official ``dcnv2`` configs, Table 8).
+    Attributes:
+      num_classes: C; ``anchors_per_location``: #A.
+      features, num_convs: width and depth of each tower.
+      regression: one of ``boxes.REGRESSIONS``.
+      use_centerness, use_scales: two of the paper's Table 1 switches (the third is ``norm``).
+      deformable_tower: the last conv of each tower is DCNv2 (the official ``dcnv2`` configs, Table 8).
+      prior_prob: initial foreground probability of every classifier output.
+      conv: ``layers.conv`` with the compute dtype bound.
+      norm: the towers' norm constructor (GroupNorm), or None for none.
     """
 
     num_classes: int
-    anchors_per_location: int = 1
-    features: int = 256
-    num_convs: int = 4
-    regression: str = "box"
-    use_group_norm: bool = True
-    use_centerness: bool = True
-    use_scales: bool = True
-    deformable_tower: bool = False
-    prior_prob: float = 0.01
-    dtype: jnp.dtype = jnp.float32
+    anchors_per_location: int
+    features: int
+    num_convs: int
+    regression: str
+    use_centerness: bool
+    use_scales: bool
+    deformable_tower: bool
+    prior_prob: float
+    conv: ModuleDef
+    norm: ModuleDef | None
 
     @nn.compact
     def __call__(self, levels: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
         if self.regression not in REGRESSIONS:
             raise ValueError(f"model.head.regression={self.regression!r} is not one of {REGRESSIONS}")
-
-        def conv(features: int, name: str, bias_init=nn.initializers.zeros) -> nn.Conv:
-            return nn.Conv(
-                features,
-                (3, 3),
-                padding=((1, 1), (1, 1)),
-                kernel_init=head_init,
-                bias_init=bias_init,
-                dtype=self.dtype,
-                name=name,
-            )
+        conv = functools.partial(self.conv, kernel_size=3, kernel_init=KERNEL_INIT)
 
         def tower(name: str) -> list[nn.Module]:
             layers = []
             for i in range(self.num_convs):
-                if self.deformable_tower and i == self.num_convs - 1:
-                    layers.append(ModulatedDeformConv(self.features, kernel_init=head_init, dtype=self.dtype,
-                                                      name=f"{name}_conv{i}"))
-                else:
-                    layers.append(conv(self.features, f"{name}_conv{i}"))
-                if self.use_group_norm:
-                    layers.append(GroupNorm(self.dtype, name=f"{name}_norm{i}"))
+                deformable = self.deformable_tower and i == self.num_convs - 1
+                layers.append(conv(self.features, deformable=deformable, name=f"{name}_conv{i}"))
+                if self.norm is not None:
+                    layers.append(self.norm(name=f"{name}_norm{i}"))
                 layers.append(nn.relu)
             return layers
 
         num_anchors = self.anchors_per_location
         class_tower, box_tower = tower("cls"), tower("box")
         prior_bias = nn.initializers.constant(-math.log((1 - self.prior_prob) / self.prior_prob))
-        class_out = conv(num_anchors * self.num_classes, "cls_logits", prior_bias)
-        box_out = conv(num_anchors * 4, "bbox_pred")
-        center_out = conv(num_anchors, "centerness") if self.use_centerness else None
+        class_out = conv(num_anchors * self.num_classes, bias_init=prior_bias, name="cls_logits")
+        box_out = conv(num_anchors * 4, name="bbox_pred")
+        center_out = conv(num_anchors, name="centerness") if self.use_centerness else None
         scales = [Scale(name=f"scale{i}") for i in range(len(levels))] if self.use_scales else None
 
         class_logits, box_regression, centerness = [], [], []

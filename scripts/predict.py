@@ -1,6 +1,6 @@
 r"""Detects objects in image files with an inference export; writes detections JSON and PNGs.
 
-    python -m atss_jax.predict --export_dir=/tmp/demo_export a.jpg b.png --out_dir=/tmp/predictions
+    python -m scripts.predict --export_dir=/tmp/demo_export a.jpg b.png --out_dir=/tmp/predictions
 """
 
 import json
@@ -10,8 +10,8 @@ import tensorflow as tf
 from absl import app, flags
 
 from atss_jax import visualise
-from atss_jax.data import coco
-from atss_jax.inference import Detector
+from atss_jax.data import transforms
+from atss_jax.serving import Detector
 
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "An export written by scripts/export.py.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write detections.json and the PNGs.")
@@ -32,7 +32,7 @@ def main(argv):
              "category_name": name}
             for box, score, category_id, name in zip(result["boxes"], result["scores"], result["category_ids"],
                                                      result["category_names"])]})
-        image = coco.decode_image(tf.io.read_file(path)).numpy()
+        image = transforms.decode_image(tf.io.read_file(path)).numpy()
         keep = result["scores"] >= _SCORE.value
         drawn = visualise.draw_boxes(image, result["boxes"][keep], result["labels"][keep])
         name = os.path.splitext(os.path.basename(path))[0]

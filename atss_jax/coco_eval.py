@@ -11,7 +11,6 @@ import contextlib
 import copy
 import io
 import json
-import os
 from collections.abc import Sequence
 
 import faster_coco_eval
@@ -155,7 +154,7 @@ def merge_host_detections(directory: str, process_count: int) -> list[dict]:
     return merged
 
 
-def save_json(path: str, value) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(value, f, indent=1)
+def save_json(path: str | epath.Path, value) -> None:
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1))
