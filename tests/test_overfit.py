@@ -100,7 +100,9 @@ def test_tiny_detector_overfits_one_image(regression):
                 gt_index=assignment.gt_index,
                 gt_boxes=gt_boxes,
                 gt_labels=gt_labels,
+                config=config.loss,
                 regression=regression,
+                use_centerness=config.model.head.use_centerness,
             ).total
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -120,7 +122,9 @@ def test_tiny_detector_overfits_one_image(regression):
     decoded = box_lib.decode_regression(regression, anchors, strides, box_regression)
     detections = jax.vmap(
         lambda p, c, b, v: postprocess.select_detections(
-            p, c, b, v, jnp.asarray(CANVAS), jnp.float32(1.0), level_sizes=grid.level_sizes
+            p, c, b, v, jnp.asarray(CANVAS), jnp.float32(1.0), level_sizes=grid.level_sizes,
+            score_threshold=config.eval.score_threshold, pre_nms_topk=config.eval.pre_nms_topk,
+            iou_threshold=config.eval.nms_iou_threshold, max_detections=config.eval.max_detections,
         )
     )(jax.nn.sigmoid(class_logits), jax.nn.sigmoid(centerness), decoded, anchor_valid)
     assert _coco_ap(detections) == pytest.approx(1.0)

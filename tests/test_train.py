@@ -12,7 +12,9 @@ import pytest
 import tensorflow as tf
 
 from atss_jax import checkpoint, coco_eval, evaluator, train
+from atss_jax.anchors import anchors_per_location
 from atss_jax.data import pipeline, synthetic
+from atss_jax.models.detector import abstract_variables, build_detector
 from atss_jax.serving import Detector
 from configs import demo
 
@@ -139,6 +141,24 @@ def test_resume_after_preemption_equals_an_uninterrupted_run(trained, tmp_path, 
     resumed, uninterrupted = _final_state(config, str(tmp_path)), _final_state(config, workdirs[1])
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_variables_only_restore_equals_the_train_state_and_names_missing_steps(trained, tmp_path):
+    data_dir, workdirs = trained
+    config = _config(data_dir)
+    model = build_detector(config.model, anchors_per_location(config.anchors))
+    abstract = abstract_variables(model, tuple(config.data.canvas))
+    restored = checkpoint.restore_variables(workdirs[1], abstract, step=2)
+    state = _final_state(config, workdirs[1], step=2)
+    assert restored.step == 2
+    expected = {"params": state.params, **state.model_state}
+    assert jax.tree.structure(restored.variables) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(restored.variables), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 7 .*\[1, 2, 3\]"):
+        checkpoint.restore_variables(workdirs[1], abstract, step=7)
+    with pytest.raises(checkpoint.CheckpointError, match="No checkpoint in"):
+        checkpoint.restore_variables(tmp_path, abstract)
 
 
 def test_sigterm_requests_a_stop(tmp_path):
