@@ -13,10 +13,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-# Where a workdir keeps its train-state checkpoints, and the categories it is trained on (label order), so
-# that export and prediction need no dataset.
+# Where a workdir keeps its train-state checkpoints (atss_jax.workdir: the other files it holds).
 CHECKPOINT_DIR = "checkpoints"
-CATEGORIES_FILE = "categories.json"
 
 
 class CheckpointError(RuntimeError):
@@ -82,22 +80,6 @@ class TrainCheckpoints:
         self.manager.wait_until_finished()
 
 
-def write_categories(workdir: str | epath.Path, category_ids: tuple[int, ...], category_names: tuple[str, ...]) -> None:
-    path = epath.Path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CATEGORIES_FILE).write_text(json.dumps({"category_ids": list(category_ids),
-                                                    "category_names": list(category_names)}, indent=1))
-
-
-def read_categories(workdir: str | epath.Path) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(category ids, category names) in label order, as training wrote them."""
-    path = epath.Path(workdir) / CATEGORIES_FILE
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing: {workdir} is not a training workdir of this version.")
-    categories = json.loads(path.read_text())
-    return tuple(categories["category_ids"]), tuple(categories["category_names"])
-
-
 class RestoredVariables(NamedTuple):
     """The model variables of one training checkpoint."""
 
@@ -152,12 +134,17 @@ def export_inference(directory: str, variables: dict, config: ml_collections.Con
     path = epath.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((path / EXPORT_VARIABLES).resolve(), variables, force=True)
+    checkpointer.save(_absolute(path / EXPORT_VARIABLES), variables, force=True)
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         (path / EXPORT_CONFIG).write_text(json.dumps({
             "config": json.loads(config.to_json()), "category_ids": list(category_ids),
             "category_names": list(category_names), "parameter_dtype": parameter_dtype}, indent=1))
+
+
+def _absolute(path: epath.Path) -> epath.Path:
+    """Orbax wants absolute local paths; a bucket path (gs://...) is already absolute and must stay remote."""
+    return path if "://" in str(path) else path.resolve()
 
 
 def load_export_metadata(directory: str) -> dict:
@@ -172,7 +159,7 @@ def load_export_metadata(directory: str) -> dict:
 
 def restore_inference(directory: str, abstract_variables: Any) -> dict:
     """The exported variables, restored into `abstract_variables`' structure."""
-    path = (epath.Path(directory) / EXPORT_VARIABLES).resolve()
+    path = _absolute(epath.Path(directory) / EXPORT_VARIABLES)
     try:
         return ocp.StandardCheckpointer().restore(path, abstract_variables)
     except Exception as error:

@@ -25,7 +25,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from flax import traverse_util
 
-from atss_jax import checkpoint, evaluator, losses, optim, parallel
+from atss_jax import checkpoint, evaluator, losses, optim, parallel, profiling, workdirs
 from atss_jax.anchors import AnchorGrid, anchor_valid_mask, anchors_per_location, build_anchor_grid
 from atss_jax.assigners import AssignResult, build_assigner
 from atss_jax.data import pipeline, transforms
@@ -177,7 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
     categories = pipeline.categories(config.data)
     check_config(config, len(categories.ids))
     if parallel.is_main_process():
-        checkpoint.write_categories(workdir, categories.ids, categories.names)
+        workdirs.write_config(workdir, config)
+        workdirs.write_categories(workdir, categories.ids, categories.names)
     training = create_training(config)
     checkpoints = checkpoint.TrainCheckpoints(checkpoint.checkpoint_dir(workdir), config.train)
     state, mesh = checkpoints.restore(training.state), training.mesh
@@ -196,6 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
         hparams = traverse_util.flatten_dict(config.to_dict(), sep=".")
         writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()})
     progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+    trace = profiling.StepTrace(workdir, config.train.profile_first_step, config.train.profile_steps)
+    trace.after_step(start_step, state)
     batches = pipeline.train_dataset(config.data, global_batch=config.train.global_batch, seed=config.seed,
                                      start_step=start_step).as_numpy_iterator()
     interval_metrics, interval_start, result = [], time.perf_counter(), None
@@ -203,6 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             state, metrics = train_fn(state, parallel.to_global(next(batches), mesh))
         interval_metrics.append(metrics)
+        trace.after_step(step, metrics)
         progress(step)
         last = step == num_steps
         if step % config.train.log_every == 0 or last:
@@ -224,7 +228,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
         if (config.train.eval_every and step % config.train.eval_every == 0) or last:
             result = evaluate_and_write(state, step)
             interval_start = time.perf_counter()
+    trace.stop(state)
     checkpoints.wait()
+    if parallel.is_main_process():
+        workdirs.mark_finished(workdir, num_steps, result and result["metrics"])
     writer.flush()
     return result
 

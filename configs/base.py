@@ -98,6 +98,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.assigner.center_sampling_radius = 1.5
 
     config.seed = 0  # initialisation, data order and augmentation
+    # COCO-size training on a CPU would take months: atss_jax.main refuses it unless --allow_cpu is given.
+    config.requires_accelerator = True
 
     config.train = ml_collections.ConfigDict()
     config.train.global_batch = 16  # over all devices of all hosts
@@ -106,6 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_every = 0  # 0: evaluate at the end only
     config.train.checkpoint_every = 2_000
     config.train.max_checkpoints_to_keep = 3
+    # A jax.profiler trace of this many steps from profile_first_step (after compilation) into
+    # workdir/plugins/profile, for TensorBoard's Profile tab; 0 = no trace.
+    config.train.profile_steps = 0
+    config.train.profile_first_step = 10
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.base_lr = 0.01  # for base_batch images; scaled linearly with the global batch

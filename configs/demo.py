@@ -16,6 +16,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"configs/demo.py has no variant {variant!r}; it has {VARIANTS}")
     config = base.get_config()
+    config.requires_accelerator = False  # sized for a CPU
     config.data.name = "synthetic_shapes"
     config.data.max_boxes = 8
     config.model.num_classes = 4  # the synthetic shapes

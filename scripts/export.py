@@ -1,9 +1,10 @@
 r"""Exports a training checkpoint for inference: model variables only (optionally bfloat16) + the config.
 
-    python -m scripts.export --config=configs/demo.py --workdir=/tmp/demo --export_dir=/tmp/demo_export [--bf16]
+    python -m scripts.export --workdir=/tmp/demo --export_dir=/tmp/demo_export [--step=N] [--bf16]
     python -m scripts.predict --export_dir=/tmp/demo_export image.jpg --out_dir=/tmp/predictions
 
-Needs neither the dataset (the categories come from the workdir) nor the optimiser state.
+Needs only the workdir: the config and categories the run wrote there (no dataset, no pretrained
+weights, no optimiser state).
 """
 
 import jax
@@ -11,17 +12,18 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from atss_jax import checkpoint
+from atss_jax import checkpoint, workdirs
 from atss_jax.anchors import anchors_per_location
 from atss_jax.data import transforms
 from atss_jax.models.detector import abstract_variables, build_detector
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The config the checkpoint was trained with.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Default: the workdir's config.json (the config the run "
+                                          "was trained with).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Where to write the export.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BF16 = flags.DEFINE_bool("bf16", False, "Store the parameters in bfloat16.")
-flags.mark_flags_as_required(["config", "workdir", "export_dir"])
+flags.mark_flags_as_required(["workdir", "export_dir"])
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, export_dir: str, step: int | None = None,
@@ -30,14 +32,15 @@ def export(config: ml_collections.ConfigDict, workdir: str, export_dir: str, ste
     abstract = abstract_variables(model, transforms.canvases(config.data)[0],
                                   jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     restored = checkpoint.restore_variables(workdir, abstract, step)
-    category_ids, category_names = checkpoint.read_categories(workdir)
+    category_ids, category_names = workdirs.read_categories(workdir)
     checkpoint.export_inference(export_dir, jax.device_get(restored.variables), config, category_ids, category_names,
                                 parameter_dtype="bfloat16" if bf16 else "float32")
 
 
 def main(argv):
     del argv
-    export(_CONFIG.value, _WORKDIR.value, _EXPORT_DIR.value, _STEP.value, _BF16.value)
+    config = _CONFIG.value if _CONFIG.value is not None else workdirs.read_config(_WORKDIR.value)
+    export(config, _WORKDIR.value, _EXPORT_DIR.value, _STEP.value, _BF16.value)
 
 
 if __name__ == "__main__":

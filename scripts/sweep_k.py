@@ -19,6 +19,8 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
+from atss_jax import workdirs
+
 matplotlib.use("Agg")
 from matplotlib import pyplot
 
@@ -36,15 +38,19 @@ def _config_file() -> str:
 
 def command(k: int, passthrough: list[str]) -> list[str]:
     return [sys.executable, "-m", "atss_jax.main", f"--config={_config_file()}",
-            f"--workdir={epath.Path(_ROOT.value) / f'k{k}'}", f"--config.assigner.topk={k}", *passthrough]
+            f"--workdir={run_dir(k)}", f"--config.assigner.topk={k}", *passthrough]
+
+
+def run_dir(k: int) -> epath.Path:
+    return epath.Path(_ROOT.value) / f"k{k}"
 
 
 def collect(ks: list[int]) -> dict[int, dict]:
+    """The final metrics of every finished run (a run's intermediate metrics.json does not count)."""
     results = {}
     for k in ks:
-        path = epath.Path(_ROOT.value) / f"k{k}" / "metrics.json"
-        if path.exists():
-            results[k] = json.loads(path.read_text())["metrics"]
+        if (done := workdirs.finished(run_dir(k))) is not None:
+            results[k] = done["metrics"]
     return results
 
 
@@ -58,9 +64,9 @@ def main(argv):
         return
     if not _COLLECT.value:
         for k in ks:
-            if (epath.Path(_ROOT.value) / f"k{k}" / "metrics.json").exists():
-                continue  # finished earlier: a restarted sweep resumes
-            subprocess.run(command(k, passthrough), check=True, env={**os.environ})
+            # A finished run is skipped; an unfinished one resumes from its latest checkpoint.
+            if workdirs.finished(run_dir(k)) is None:
+                subprocess.run(command(k, passthrough), check=True, env={**os.environ})
     results = collect(ks)
     if not results:
         raise SystemExit(f"No finished runs under {_ROOT.value}.")

@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import pytest
 
-from atss_jax.data import synthetic
+from atss_jax.data import datasets
 from configs import demo
 
 
@@ -26,5 +26,5 @@ def synthetic_data_config(tmp_path_factory) -> ml_collections.ConfigDict:
     """config.data of the tiny config (a small synthetic dataset), prepared once per test session."""
     config = demo.get_config("tiny")
     config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
-    synthetic.prepare(config.data.synthetic, config.data.data_dir)
+    datasets.prepare(config.data)
     return config.data

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from atss_jax.data import coco, pipeline
+from atss_jax.data import coco, datasets, pipeline
 from configs import demo
 
 # (image id, height, width, grayscale); annotations per image id: (category id, [x, y, w, h], iscrowd).
@@ -78,11 +78,11 @@ def data_config(tmp_path_factory):
     extracted = _write_tree(root)
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     # The real builder; only the download (of the zips from images.cocodataset.org) is replaced.
-    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=extracted):
-        tfds.builder("coco/2017", data_dir=data_dir).download_and_prepare(file_format=coco.FILE_FORMAT)
     config = demo.get_config("tiny")
     config.data.name = "coco/2017"
     config.data.data_dir = data_dir
+    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=extracted):
+        datasets.prepare(config.data)
     config.data.canvas = CANVAS
     config.data.min_sizes = (56, 72)
     config.data.max_size = 90

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from atss_jax.data import coco, coco_format, datasets, pipeline
+from atss_jax.data import coco, coco_format, datasets, pipeline, splits
 from configs import demo
 
 CATEGORIES = [{"id": 40, "name": "kite"}, {"id": 7, "name": "train"}, {"id": 12, "name": "bench"}]
@@ -133,10 +133,28 @@ def test_dataset_without_random_access_names_the_conversion(tmp_path):
         coco.open_builder("coco_format/streamed", str(tmp_path / "tfds"))
 
 
-def test_image_sizes_from_headers_match_decoded_images(custom_config):
+def test_image_sizes_recorded_at_prepare_time_match_decoded_images(custom_config):
     split = pipeline.open_split(custom_config, "train")
+    assert split.image_sizes_path.exists()  # written by datasets.prepare, not by the reader
     sizes = split.image_sizes()
     decoded = [tf.shape(coco.decode_example(split.read(tf.constant(i, tf.int64)))["image"])[:2].numpy()
                for i in range(split.num_examples)]
     np.testing.assert_array_equal(sizes, decoded)
-    np.testing.assert_array_equal(split.image_sizes(), sizes)  # now from the cache
+
+
+def test_missing_or_stale_image_sizes_are_clear_errors(custom_config):
+    split = pipeline.open_split(custom_config, "train")
+    recorded = split.image_sizes_path.read_bytes()
+    try:
+        split.image_sizes_path.unlink()
+        with pytest.raises(splits.ImageSizesError, match=r"not recorded.*scripts\.prepare_data"):
+            split.image_sizes()
+        with split.image_sizes_path.open("wb") as f:
+            np.save(f, np.zeros((split.num_examples + 1, 2), np.int64))
+        with pytest.raises(splits.ImageSizesError, match="prepared again"):
+            split.image_sizes()
+        split.image_sizes_path.unlink()
+        datasets.prepare(custom_config)  # a prepared dataset: only the sizes are recorded again
+        assert split.image_sizes_path.read_bytes() == recorded
+    finally:
+        split.image_sizes_path.write_bytes(recorded)

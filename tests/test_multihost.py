@@ -1,6 +1,11 @@
 """A simulated multi-host job: 2 processes x 4 CPU devices on localhost through jax.distributed train the
 tiny config with per-host data shards, checkpoint, restore and evaluate with the multi-host merge; the
-results equal a 1-process x 8-device run."""
+results equal a 1-process x 8-device run.
+
+Training reaches `jax.distributed.initialize()` as on a cluster: the command line names no coordinator
+and JAX's own detection reads the job from the environment (SLURM's variables here; a Cloud TPU VM's
+come from its metadata server). Evaluation passes the coordinator explicitly instead.
+"""
 
 import json
 import os
@@ -20,17 +25,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_hosts(workdir, data_dir, *flags):
+def _slurm_environment(process_id: int, port: int) -> dict[str, str]:
+    """What SLURM exports to task `process_id` of a 2-task job on one node (JAX_COORDINATOR_PORT: a free
+    port, instead of the one JAX derives from the job id)."""
+    return {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+            "SLURM_PROCID": str(process_id), "SLURM_LOCALID": str(process_id), "JAX_COORDINATOR_PORT": str(port)}
+
+
+def _run_two_hosts(workdir, data_dir, *flags, detected=True):
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": ROOT}
-    processes = [subprocess.Popen(
-        [sys.executable, "-m", "atss_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
-         f"--config.data.data_dir={data_dir}", f"--coordinator_address=localhost:{port}", "--num_processes=2",
-         f"--process_id={i}", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    commands = []
+    for i in range(2):
+        base = [sys.executable, "-m", "atss_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
+                f"--config.data.data_dir={data_dir}", *flags]
+        if detected:
+            commands.append((base, {**env, **_slurm_environment(i, port)}))
+        else:
+            commands.append(([*base, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                              f"--process_id={i}"], env))
+    processes = [subprocess.Popen(command, cwd=ROOT, env=process_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for command, process_env in commands]
     outputs = [p.communicate(timeout=900) for p in processes]
     for p, (_, stderr) in zip(processes, outputs):
         assert p.returncode == 0, stderr[-3000:]
+    for i, (_, stderr) in enumerate(outputs):
+        assert f"process {i} of 2" in stderr  # the start-up line: both processes joined one job
     return outputs
 
 
@@ -52,7 +72,7 @@ def test_two_hosts_train_like_one(runs):
 
 def test_two_hosts_restore_and_evaluate_with_the_merge(runs):
     _, single, multi = runs
-    outputs = _run_two_hosts(multi, runs[0], "--mode=eval", "--config.eval.score_threshold=0.0")
+    outputs = _run_two_hosts(multi, runs[0], "--mode=eval", "--config.eval.score_threshold=0.0", detected=False)
     assert "COCO box metrics" in outputs[0][0] and "COCO box metrics" not in outputs[1][0]
     merged = []
     for host in range(2):

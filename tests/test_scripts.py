@@ -7,27 +7,30 @@ import sys
 
 import pytest
 
-from atss_jax import coco_eval
+from atss_jax import coco_eval, workdirs
+from configs import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(args, **env):
     result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "PYTHONPATH": ROOT, **env})
+                            env={**os.environ, **env})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 SMALL_DEMO = ["--config.data.synthetic.num_train=32", "--config.data.synthetic.num_validation=8",
               "--config.train.num_steps=2", "--config.train.log_every=1", "--config.eval.batch_per_device=8"]
+# The demo run also traces its second step with jax.profiler.
+PROFILE = ["--config.train.profile_steps=1", "--config.train.profile_first_step=2"]
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     data_dir = tmp_path_factory.mktemp("demo_data")
-    result = subprocess.run(["bash", "scripts/demo.sh", f"--config.data.data_dir={data_dir}", *SMALL_DEMO],
+    result = subprocess.run(["bash", "scripts/demo.sh", f"--config.data.data_dir={data_dir}", *SMALL_DEMO, *PROFILE],
                             cwd=ROOT, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "WORKDIR": str(workdir)})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -41,10 +44,40 @@ def test_demo_trains_evaluates_and_prints_the_coco_table(demo_run):
         assert list(json.load(f)["metrics"]) == list(coco_eval.METRIC_NAMES)
 
 
+def test_the_workdir_describes_itself(demo_run):
+    workdir, data_dir, _ = demo_run
+    config = workdirs.read_config(workdir)
+    expected = demo.get_config()
+    with expected.unlocked():
+        expected.data.data_dir = str(data_dir)
+        expected.data.synthetic.num_train, expected.data.synthetic.num_validation = 32, 8
+        expected.train.num_steps, expected.train.log_every, expected.eval.batch_per_device = 2, 1, 8
+        expected.train.profile_steps, expected.train.profile_first_step = 1, 2
+    assert config == expected  # the resolved config: every override applied, tuples kept
+    finished = workdirs.finished(workdir)
+    assert finished["step"] == 2
+    with open(workdir / "metrics.json") as f:
+        assert finished["metrics"] == json.load(f)["metrics"]
+    assert workdirs.read_categories(workdir)[1] == ("rectangle", "ellipse", "triangle", "cross")
+
+
+def test_profile_trace_is_written_for_tensorboard(demo_run):
+    workdir, _, _ = demo_run
+    (run,) = os.listdir(workdir / "plugins" / "profile")
+    traces = [name for name in os.listdir(workdir / "plugins" / "profile" / run) if name.endswith(".xplane.pb")]
+    assert len(traces) == 1 and (workdir / "plugins" / "profile" / run / traces[0]).stat().st_size > 1000
+
+
+def test_eval_needs_only_the_workdir(demo_run):
+    workdir, _, _ = demo_run
+    stdout = _run(["-m", "atss_jax.main", f"--workdir={workdir}", "--mode=eval"]).stdout
+    assert "COCO box metrics at step 2" in stdout
+
+
 def test_export_and_predict_command_lines(demo_run, tmp_path):
     workdir, data_dir, _ = demo_run
-    _run(["-m", "scripts.export", "--config=configs/demo.py", f"--workdir={workdir}",
-          f"--export_dir={tmp_path / 'export'}", "--bf16", f"--config.data.data_dir={data_dir}", *SMALL_DEMO[:2]])
+    # The workdir alone (its config.json and categories.json): no config file, no dataset flags.
+    _run(["-m", "scripts.export", f"--workdir={workdir}", f"--export_dir={tmp_path / 'export'}", "--bf16"])
     images = next(p for p, _, files in os.walk(data_dir) if p.endswith(os.path.join("images", "validation")))
     image = os.path.join(images, sorted(os.listdir(images))[0])
     _run(["-m", "scripts.predict", f"--export_dir={tmp_path / 'export'}", f"--out_dir={tmp_path / 'out'}", image])
@@ -65,13 +98,15 @@ def test_sweep_k_prints_commands_and_collects(tmp_path):
     printed = _run(["-m", "scripts.sweep_k", "--config=configs/demo.py", f"--root={tmp_path}", "--ks=5,9",
                     "--print_commands", "--config.train.num_steps=7"]).stdout.strip().splitlines()
     assert len(printed) == 2 and "--config.assigner.topk=5" in printed[0] and "--config.train.num_steps=7" in printed[0]
-    for k, ap in ((5, 0.25), (9, 0.5)):
-        os.makedirs(tmp_path / f"k{k}")
+    for k, ap in ((5, 0.25), (9, 0.5), (13, 0.75)):
         metrics = {name: ap for name in coco_eval.METRIC_NAMES}
-        (tmp_path / f"k{k}" / "metrics.json").write_text(json.dumps({"metrics": metrics}))
-    table = _run(["-m", "scripts.sweep_k", "--config=configs/demo.py", f"--root={tmp_path}", "--ks=5,9",
+        (tmp_path / f"k{k}").mkdir()
+        (tmp_path / f"k{k}" / "metrics.json").write_text(json.dumps({"step": 3, "metrics": metrics}))
+        if k != 13:  # k=13 evaluated at an intermediate step and has not finished
+            workdirs.mark_finished(tmp_path / f"k{k}", 7, metrics)
+    table = _run(["-m", "scripts.sweep_k", "--config=configs/demo.py", f"--root={tmp_path}", "--ks=5,9,13",
                   "--collect_only"]).stdout
-    assert "| 5 | 25.0 |" in table and "| 9 | 50.0 |" in table
+    assert "| 5 | 25.0 |" in table and "| 9 | 50.0 |" in table and "| 13 |" not in table
     assert (tmp_path / "sweep_k.png").stat().st_size > 1000
 
 

@@ -15,8 +15,7 @@ TRAINING_MODULES = ("optax", "clu", "tensorflow_datasets", "pycocotools", "faste
 def test_serving_imports_no_training_code():
     program = ("import json, sys; import atss_jax.serving, scripts.predict; "
                "print(json.dumps(sorted(sys.modules)))")
-    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": ROOT})
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     imported = set(json.loads(result.stdout.strip().splitlines()[-1]))
     assert {"atss_jax.serving", "atss_jax.inference", "atss_jax.models.detector", "flax"} <= imported

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 import tensorflow_datasets as tfds
 
-from atss_jax.data import coco, coco_format, synthetic
+from atss_jax.data import coco, coco_format, splits, synthetic
 
 COCO_FORMAT = "coco_format"
 SYNTHETIC = "synthetic_shapes"
@@ -23,7 +23,8 @@ def builder_name(data_config: ml_collections.ConfigDict) -> str:
 
 
 def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """Prepares the configured dataset if needed (downloading COCO through TFDS), then opens it."""
+    """Prepares the configured dataset if needed (downloading COCO through TFDS), records its image sizes
+    if they are not yet (`splits.record_image_sizes`), then opens it."""
     data_dir = data_config.data_dir or None
     if data_config.name == COCO_FORMAT:
         coco_format.prepare(data_config.coco_format.name, dict(data_config.coco_format.annotations),
@@ -32,7 +33,9 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         synthetic.prepare(data_config.synthetic, data_dir)
     else:
         tfds.builder(data_config.name, data_dir=data_dir).download_and_prepare(file_format=coco.FILE_FORMAT)
-    return coco.open_builder(builder_name(data_config), data_dir)
+    builder = coco.open_builder(builder_name(data_config), data_dir)
+    splits.record_image_sizes(builder)
+    return builder
 
 
 def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

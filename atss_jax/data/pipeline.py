@@ -25,7 +25,6 @@ The batch (one host's share):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -34,61 +33,9 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
-from etils import epath
 
 from atss_jax.data import coco, datasets, transforms
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """One split of a prepared dataset with random access to its serialized examples."""
-
-    builder: tfds.core.DatasetBuilder
-    name: str
-
-    @functools.cached_property
-    def source(self) -> Sequence[bytes]:
-        return self.builder.as_data_source(self.name, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES,
-                                           file_format=coco.FILE_FORMAT)
-
-    @property
-    def num_examples(self) -> int:
-        return self.builder.info.splits[self.name].num_examples
-
-    @property
-    def category_ids(self) -> tuple[int, ...]:
-        return coco.category_ids(self.builder)
-
-    def read(self, index: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Example `index` (a scalar tensor), image still encoded."""
-        serialized = tf.numpy_function(lambda i: self.source[int(i)], [index], tf.string, stateful=False)
-        return self.builder.info.features.deserialize_example(
-            tf.reshape(serialized, []), decoders={"image": tfds.decode.SkipDecoding()})
-
-    def image_sizes(self) -> np.ndarray:
-        """[N, 2] int (height, width) of every image, read from the encoded headers; cached beside the data."""
-        cache = epath.Path(self.builder.data_path) / f"image_sizes-{self.name}.npy"
-        if cache.exists():
-            with cache.open("rb") as f:
-                return np.load(f)
-        ds = tf.data.Dataset.range(self.num_examples).map(self._image_size, num_parallel_calls=tf.data.AUTOTUNE)
-        sizes = np.zeros((self.num_examples, 2), np.int64)
-        for start, chunk in zip(range(0, self.num_examples, 1024), ds.batch(1024).as_numpy_iterator()):
-            sizes[start:start + len(chunk)] = chunk
-        try:
-            with cache.open("wb") as f:
-                np.save(f, sizes)
-        except OSError:  # a read-only dataset directory (e.g. a shared bucket): recompute next time
-            pass
-        return sizes
-
-    def _image_size(self, index: tf.Tensor) -> tf.Tensor:
-        encoded = self.read(index)["image"]
-        # JPEG headers give the size without decoding; other formats are decoded.
-        if_jpeg = tf.strings.substr(encoded, 0, 2) == b"\xff\xd8"
-        return tf.cond(if_jpeg, lambda: tf.image.extract_jpeg_shape(encoded)[:2],
-                       lambda: tf.shape(transforms.decode_image(encoded))[:2])
+from atss_jax.data.splits import Split
 
 
 def open_split(data_config: ml_collections.ConfigDict, split: str) -> Split:

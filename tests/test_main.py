@@ -1,0 +1,60 @@
+"""The entry point's start-up: no silent CPU training, JAX's cluster detection, the start-up line."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What makes JAX's cluster detection find a job on this machine; removed so that it finds none.
+CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "PMIX_SERVER_URI2",
+                     "TPU_WORKER_HOSTNAMES", "KUBERNETES_SERVICE_HOST")
+
+
+def _python(args, **env):
+    clean = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARIABLES}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**clean, **env})
+
+
+def test_coco_config_on_cpu_stops_before_any_work_and_says_why(tmp_path):
+    missing = tmp_path / "no_data_here"
+    result = _python(["-m", "atss_jax.main", "--config=configs/atss_r50_fpn_1x_coco.py", f"--workdir={tmp_path / 'w'}",
+                      f"--config.data.data_dir={missing}"])
+    assert result.returncode != 0
+    # The reason is the CPU, not the (missing) dataset: the check comes before any data or model is touched.
+    assert "needs an accelerator" in result.stderr and "--allow_cpu" in result.stderr
+    assert "JAX backend cpu" in result.stderr and "process 0 of 1" in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_allow_cpu_lets_a_coco_config_start(tmp_path):
+    # With --allow_cpu the same command gets past the check and stops at the next problem: the dataset.
+    result = _python(["-m", "atss_jax.main", "--config=configs/atss_r50_fpn_1x_coco.py", f"--workdir={tmp_path / 'w'}",
+                      f"--config.data.data_dir={tmp_path / 'no_data_here'}", "--allow_cpu"])
+    assert result.returncode != 0
+    assert "needs an accelerator" not in result.stderr and "not prepared" in result.stderr
+
+
+def test_without_a_cluster_auto_stays_one_process_and_on_is_an_error():
+    script = """
+import jax
+from atss_jax import parallel
+assert parallel.initialize_distributed("auto") is False
+assert not jax.distributed.is_initialized()
+try:
+    parallel.initialize_distributed("on")
+except ValueError as error:
+    print("refused:", error)
+assert parallel.initialize_distributed("off") is False
+print(parallel.describe_devices())
+"""
+    result = _python(["-c", script])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refused:" in result.stdout and "--coordinator_address" in result.stdout
+    assert "JAX backend cpu: 1 local x cpu, 1 devices in all; process 0 of 1" in result.stdout
+
+
+def test_a_new_run_without_config_names_what_is_missing(tmp_path):
+    result = _python(["-m", "atss_jax.main", f"--workdir={tmp_path}"])
+    assert result.returncode != 0
+    assert "config.json is missing" in result.stderr and "--config=" in result.stderr
