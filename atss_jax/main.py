@@ -38,7 +38,7 @@ def check_backend(config, allow_cpu: bool) -> None:
     import jax
 
     if jax.default_backend() == "cpu" and config.get("requires_accelerator", False) and not allow_cpu:
-        raise app.UsageError(
+        raise SystemExit(
             "This config needs an accelerator (config.requires_accelerator=True) but JAX sees only the CPU. "
             "Install the accelerator's JAX (bash scripts/setup.sh cuda12 or tpu, see README \"Install\"), or "
             "pass --allow_cpu to run on the CPU anyway.")
@@ -62,7 +62,7 @@ def main(argv):
     try:
         config = _CONFIG.value if _CONFIG.value is not None else workdirs.read_config(_WORKDIR.value)
     except workdirs.WorkdirError as error:
-        raise app.UsageError(f"{error} Start a run with --config=configs/....py.") from None
+        raise SystemExit(f"{error} Start a run with --config=configs/....py.") from None
     check_backend(config, _ALLOW_CPU.value)
     if _MODE.value == "train":
         train.train_and_evaluate(config, _WORKDIR.value)

@@ -10,12 +10,13 @@ a COCO-format dataset from its annotation files and image folders, or the synthe
         --config.data.coco_format.images.validation=/data/my/val_images
 """
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from atss_jax.data import coco, datasets
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Config whose data section names the dataset.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose data section names the dataset.")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
