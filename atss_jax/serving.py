@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from etils import epath
 
 from atss_jax import checkpoint, inference
 from atss_jax.anchors import anchors_per_location
@@ -88,5 +89,5 @@ class Detector:
                 "category_names": [self.category_names[k] for k in labels]}
 
     def predict_files(self, paths: Sequence[str]) -> list[dict]:
-        """Detections for image files (JPEG, PNG, BMP, GIF)."""
-        return self.predict_arrays([transforms.decode_image(tf.io.read_file(p)).numpy() for p in paths])
+        """Detections for image files (JPEG, PNG, BMP, GIF; local or in a bucket)."""
+        return self.predict_arrays([transforms.decode_image(epath.Path(p).read_bytes()).numpy() for p in paths])

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import tensorflow as tf
+from etils import epath
 
 _PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                      [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]], np.float32)
@@ -44,11 +43,13 @@ def _same_size(images: list[np.ndarray]) -> list[np.ndarray]:
     return [np.pad(im, ((0, height - im.shape[0]), (0, width - im.shape[1]), (0, 0))) for im in images]
 
 
-def write_pngs(images: list[np.ndarray], directory: str, prefix: str = "detections") -> list[str]:
-    os.makedirs(directory, exist_ok=True)
+def write_pngs(images: list[np.ndarray], directory: str | epath.PathLike, prefix: str = "detections") -> list[str]:
+    """Writes ``<directory>/<prefix>_<i>.png`` per image (``directory`` may be a bucket); returns the paths."""
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
-        path = os.path.join(directory, f"{prefix}_{i}.png")
-        tf.io.write_file(path, tf.io.encode_png(image))
-        paths.append(path)
+        path = directory / f"{prefix}_{i}.png"
+        path.write_bytes(tf.io.encode_png(image).numpy())
+        paths.append(str(path))
     return paths

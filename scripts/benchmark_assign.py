@@ -28,6 +28,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from atss_jax.anchors import AnchorGrid, anchor_valid_mask, make_anchor_grid
@@ -285,8 +286,7 @@ def main(argv: list[str]) -> None:
         summary = dict(batch=batch, canvas=canvas, anchors=grid.num_anchors, boxes=num_boxes, topk=topk)
         summary.update(rows=rows, floor_bytes=floor_bytes, copy_bandwidth=bandwidth, floor_s=floor_s)
         summary.update(grid_path_peak_bytes=path_bytes, grid_path_bytes_accessed=path_accessed)
-        with open(_JSON.value, "w") as f:
-            json.dump(summary, f, indent=2)
+        epath.Path(_JSON.value).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

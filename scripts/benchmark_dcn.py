@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from etils import epath
 
 from atss_jax.models.deform_conv import ModulatedDeformConv
 
@@ -87,8 +88,8 @@ def main(argv) -> None:
                      "conv3x3_temp_mib": plain_mib, "dcnv2_temp_mib": deform_mib})
         print(f"| {mode} | {plain:.1f} | {deform:.1f} | {deform / plain:.2f}x | {plain_flops:.1f} | "
               f"{deform_flops:.1f} | {plain_mib:.0f} | {deform_mib:.0f} |")
-    with open(_OUT.value, "w") as f:
-        json.dump({"device": device, "input": shape, "dtype": _DTYPE.value, "rows": rows}, f, indent=1)
+    result = {"device": device, "input": shape, "dtype": _DTYPE.value, "rows": rows}
+    epath.Path(_OUT.value).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from atss_jax.data import coco, datasets, pipeline, transforms
@@ -32,8 +33,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes per stage (median re
 _BATCH = flags.DEFINE_integer("batch", 16, "Batch size of the pipeline stage.")
 
 
-def write_coco_like(folder: str, count: int, seed: int = 0) -> str:
-    """640x480 JPEGs with smooth textures, Poisson(7) boxes each; returns the annotation path."""
+def write_coco_like(folder: str | epath.PathLike, count: int, seed: int = 0) -> str:
+    """640x480 JPEGs with smooth textures, Poisson(7) boxes each, in ``folder`` (may be a bucket); returns the
+    annotation path."""
+    folder = epath.Path(folder)
     rng = np.random.default_rng(seed)
     images, annotations = [], []
     for image_id in range(1, count + 1):
@@ -41,18 +44,17 @@ def write_coco_like(folder: str, count: int, seed: int = 0) -> str:
         coarse = rng.uniform(0, 255, (height // 32, width // 32, 3))
         pixels = np.kron(coarse, np.ones((32, 32, 1))) + rng.normal(0, 20, (height, width, 3))
         name = f"{image_id:06d}.jpg"
-        tf.io.write_file(os.path.join(folder, name),
-                         tf.io.encode_jpeg(np.clip(pixels, 0, 255).astype(np.uint8), quality=90))
+        (folder / name).write_bytes(tf.io.encode_jpeg(np.clip(pixels, 0, 255).astype(np.uint8), quality=90).numpy())
         images.append({"id": image_id, "file_name": name, "height": height, "width": width})
         for _ in range(rng.poisson(7)):
             w, h = rng.uniform(8, width / 2), rng.uniform(8, height / 2)
             x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
                                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
-    path = os.path.join(folder, "annotations.json")
-    with open(path, "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}, f)
-    return path
+    path = folder / "annotations.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "thing"}]}))
+    return str(path)
 
 
 def _stage_dataset(split: pipeline.Split, data_config, stage: str) -> tf.data.Dataset:
@@ -86,12 +88,14 @@ def _images_per_second(dataset: tf.data.Dataset, images_per_element: int, thread
 def main(argv):
     del argv
     data_config = _CONFIG.value.data
-    with tempfile.TemporaryDirectory() as root:
-        images = os.path.join(root, "images")
-        os.makedirs(images)
+    with tempfile.TemporaryDirectory() as temporary:
+        root = epath.Path(temporary)
+        images = root / "images"
+        images.mkdir()
         annotation_path = write_coco_like(images, _NUM_IMAGES.value)
+        images = str(images)
         data_config.name = datasets.COCO_FORMAT
-        data_config.data_dir = os.path.join(root, "tfds")
+        data_config.data_dir = str(root / "tfds")
         data_config.coco_format.name = "coco_like"
         data_config.coco_format.annotations.train = annotation_path
         data_config.coco_format.images.train = images

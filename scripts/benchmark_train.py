@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from atss_jax import parallel, train
@@ -121,8 +122,7 @@ def main(argv):
     for key, value in result.items():
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
         print(f"| {key} | {text} |")
-    with open(_OUT.value, "w") as f:
-        json.dump(result, f, indent=1)
+    epath.Path(_OUT.value).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 r"""Converts a torchvision ResNet or ResNeXt checkpoint (.pth) into an .npz state_dict, so training needs no torch.
 
 python -m scripts.convert_torchvision resnet50-0676ba61.pth resnet50.npz
-python -m scripts.convert_torchvision resnext101_32x8d-8ba56ff5.pth x101_32x8d.npz
+python -m scripts.convert_torchvision resnext101_32x8d-8ba56ff5.pth gs://bucket/weights/x101_32x8d.npz
+
+Either path may be a bucket (gs://...).
 """
 
+import io
 import sys
 
 import numpy as np
+from etils import epath
 
 from atss_jax.models.torchvision_import import load_state_dict
 
@@ -15,8 +19,11 @@ def main(argv: list[str]) -> None:
     if len(argv) != 3:
         raise SystemExit(__doc__)
     state = load_state_dict(argv[1])
-    np.savez(argv[2], **state)
-    print(f"wrote {len(state)} arrays to {argv[2]}")
+    out = argv[2] if argv[2].endswith(".npz") else argv[2] + ".npz"  # as np.savez names a path
+    buffer = io.BytesIO()
+    np.savez(buffer, **state)
+    epath.Path(out).write_bytes(buffer.getvalue())
+    print(f"wrote {len(state)} arrays to {out}")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def main(argv):
     axis.plot(ordered, [100 * results[k]["AP"] for k in ordered], marker="o")
     axis.set_xlabel("k (candidates per level)")
     axis.set_ylabel("box AP")
-    axis.set_title(os.path.basename(_config_file()))
+    axis.set_title(epath.Path(_config_file()).name)
     axis.grid(alpha=0.3)
     with (root / "sweep_k.png").open("wb") as f:
         figure.savefig(f, dpi=120, bbox_inches="tight")

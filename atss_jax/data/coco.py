@@ -1,4 +1,5 @@
-"""COCO-format datasets in TFDS: opening a prepared builder, category ids, and decoding one example.
+"""COCO-format datasets in TFDS: preparing a builder (locally or into a bucket), opening it, category ids, and
+decoding one example.
 
 Every dataset the pipeline reads (`coco/2017`, a `coco_format` builder over a researcher's own data,
 the synthetic demo) has the features of TFDS's `coco/2017`:
@@ -15,8 +16,13 @@ evaluation needs (results files and the official annotations use category ids).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Callable
+
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
 from atss_jax.data import transforms
 
@@ -60,6 +66,46 @@ def open_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
             f"--dataset_version_dir={builder.data_dir} --out_file_format={FILE_FORMAT}`."
         )
     return builder
+
+
+def is_local(path: str | epath.PathLike | None) -> bool:
+    """Whether ``path`` is on this machine (``None``: TFDS's default data dir), not a bucket such as ``gs://``."""
+    return path is None or "://" not in str(path)
+
+
+def prepare_builder(make_builder: Callable[[str | None], tfds.core.DatasetBuilder],
+                    data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """``make_builder(data_dir)``, prepared as ArrayRecord if it is not yet.
+
+    ArrayRecord's writer opens local files only (its reader also reads gs://), so a dataset for a bucket is
+    prepared in a local temporary folder and copied over, the two files that make TFDS count it as
+    prepared last. The local disk needs room for the prepared dataset (and, for COCO, the downloads).
+    """
+    builder = make_builder(data_dir)
+    if builder.is_prepared():
+        return builder
+    if is_local(data_dir):
+        builder.download_and_prepare(file_format=FILE_FORMAT)
+        return builder
+    with tempfile.TemporaryDirectory(prefix="atss_prepare_") as local:
+        local_builder = make_builder(local)
+        local_builder.download_and_prepare(file_format=FILE_FORMAT)
+        _copy_prepared(epath.Path(local_builder.data_path), epath.Path(builder.data_path))
+    return make_builder(data_dir)
+
+
+# A version folder with both is a prepared dataset to TFDS (file_utils.is_valid_variant_dir).
+_WRITTEN_LAST = ("features.json", "dataset_info.json")
+
+
+def _copy_prepared(source: epath.Path, target: epath.Path) -> None:
+    """Copies a prepared dataset's version folder (flat) to ``target``, TFDS's marker files last."""
+    files = sorted((p for p in source.iterdir() if p.is_file()),
+                   key=lambda p: _WRITTEN_LAST.index(p.name) + 1 if p.name in _WRITTEN_LAST else 0)
+    target.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        with file.open("rb") as reader, (target / file.name).open("wb") as writer:
+            shutil.copyfileobj(reader, writer, 64 << 20)
 
 
 def category_ids(builder: tfds.core.DatasetBuilder) -> tuple[int, ...]:

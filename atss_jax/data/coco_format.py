@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
-from atss_jax.data.coco import CATEGORY_IDS_KEY, FILE_FORMAT
+from atss_jax.data.coco import CATEGORY_IDS_KEY, FILE_FORMAT, prepare_builder
 
 
 class AnnotationError(ValueError):
@@ -46,12 +46,12 @@ class CocoFormatConfig(tfds.core.BuilderConfig):
 
 
 def load_annotations(path: str) -> dict:
-    """Reads and validates a COCO annotations JSON; errors name the file and the problem."""
+    """Reads and validates a COCO annotations JSON (``path`` may be a bucket); errors name the file and the problem."""
+    file = epath.Path(path)
+    if not file.exists():  # checked first: TensorFlow's filesystem (epath's default) raises its own NotFoundError
+        raise AnnotationError(f"Annotation file {path} does not exist.")
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise AnnotationError(f"Annotation file {path} does not exist.") from None
+        data = json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise AnnotationError(f"Annotation file {path} is not valid JSON: {error}.") from None
     if not isinstance(data, dict):
@@ -134,7 +134,7 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
-        del dl_manager  # the files are local
+        del dl_manager  # the files are given (local paths or buckets), not downloaded
         return {
             split: self._generate_examples(self.builder_config.annotations[split], self.builder_config.images[split])
             for split in self.builder_config.annotations
@@ -146,9 +146,12 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
         annotations_of_image = collections.defaultdict(list)
         for annotation in data["annotations"]:
             annotations_of_image[annotation["image_id"]].append(annotation)
+        image_dir = epath.Path(image_dir)
+        # The folder's file names, listed once: one request instead of one per image on a bucket.
+        listed = {p.name for p in image_dir.iterdir()} if data["images"] and image_dir.is_dir() else set()
         for image in sorted(data["images"], key=lambda im: im["id"]):
-            path = os.path.join(image_dir, image["file_name"])
-            if not os.path.exists(path):
+            path = image_dir / image["file_name"]
+            if image["file_name"] not in listed and not path.exists():  # e.g. a file name with a sub-folder
                 raise AnnotationError(f"Annotation file {annotation_path}: image {path} does not exist.")
             width, height = float(image["width"]), float(image["height"])
             objects = []
@@ -165,16 +168,16 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
                     "is_crowd": bool(annotation.get("iscrowd", 0)),
                 })
             yield image["id"], {
-                "image": path,
+                "image": path.read_bytes(),  # read here through epath, so the folder may be a bucket
                 "image/filename": image["file_name"],
                 "image/id": image["id"],
                 "objects": objects,
             }
 
 
-def prepare(name: str, annotations: Mapping[str, str], images: Mapping[str, str], data_dir: str) -> CocoFormat:
-    """Prepares (once) the COCO-format dataset `name` under `data_dir` in the pipeline's file format."""
-    builder = CocoFormat(config=CocoFormatConfig(name=name, annotations=annotations, images=images),
-                         data_dir=data_dir, file_format=FILE_FORMAT)
-    builder.download_and_prepare(file_format=FILE_FORMAT)
-    return builder
+def prepare(name: str, annotations: Mapping[str, str], images: Mapping[str, str], data_dir: str | None) -> CocoFormat:
+    """Prepares (once) the COCO-format dataset `name` under `data_dir` (may be a bucket) in the pipeline's
+    file format."""
+    config = CocoFormatConfig(name=name, annotations=annotations, images=images)
+    return prepare_builder(lambda directory: CocoFormat(config=config, data_dir=directory, file_format=FILE_FORMAT),
+                           data_dir)

@@ -32,7 +32,7 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     elif data_config.name == SYNTHETIC:
         synthetic.prepare(data_config.synthetic, data_dir)
     else:
-        tfds.builder(data_config.name, data_dir=data_dir).download_and_prepare(file_format=coco.FILE_FORMAT)
+        coco.prepare_builder(lambda directory: tfds.builder(data_config.name, data_dir=directory), data_dir)
     builder = coco.open_builder(builder_name(data_config), data_dir)
     splits.record_image_sizes(builder)
     return builder

@@ -11,12 +11,12 @@ Deterministic by seed: image i of a split depends only on (seed, split, i).
 from __future__ import annotations
 
 import json
-import os
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
 from atss_jax.data import coco_format
 
@@ -111,36 +111,38 @@ def _overlap(x, y, w, h, ox, oy, ow, oh) -> float:
     return iw * ih / min(w * h, ow * oh)
 
 
-def write_coco(directory: str, config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
-    """Writes images/<split>/*.jpg and annotations/instances_<split>.json; returns split -> (json, folder)."""
+def write_coco(directory: str | epath.PathLike, config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
+    """Writes images/<split>/*.jpg and annotations/instances_<split>.json (``directory`` may be a bucket);
+    returns split -> (json, folder)."""
+    directory = epath.Path(directory)
     paths = {}
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
     for split, count in (("train", config.num_train), ("validation", config.num_validation)):
-        image_dir = os.path.join(directory, "images", split)
-        os.makedirs(image_dir, exist_ok=True)
+        image_dir = directory / "images" / split
+        image_dir.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for index in range(count):
             pixels, objects = generate_image(config.seed, split, index, config)
             file_name = f"{index:06d}.jpg"
-            tf.io.write_file(os.path.join(image_dir, file_name), tf.io.encode_jpeg(pixels, quality=92))
+            (image_dir / file_name).write_bytes(tf.io.encode_jpeg(pixels, quality=92).numpy())
             image_id = index + 1
             images.append({"id": image_id, "file_name": file_name, "height": pixels.shape[0],
                            "width": pixels.shape[1]})
             for label, bbox, area in objects:
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
                                     "bbox": bbox, "area": area, "iscrowd": 0})
-        annotation_path = os.path.join(directory, "annotations", f"instances_{split}.json")
-        os.makedirs(os.path.dirname(annotation_path), exist_ok=True)
-        with open(annotation_path, "w") as f:
-            json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
-        paths[split] = (annotation_path, image_dir)
+        annotation_path = directory / "annotations" / f"instances_{split}.json"
+        annotation_path.parent.mkdir(parents=True, exist_ok=True)
+        annotation_path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                               "categories": categories}))
+        paths[split] = (str(annotation_path), str(image_dir))
     return paths
 
 
 def source_dir(config: ml_collections.ConfigDict, data_dir: str | None) -> str:
-    """Where the COCO-format files of the synthetic dataset are written."""
-    root = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
-    return os.path.join(root, "synthetic_shapes_source", dataset_name(config))
+    """Where the COCO-format files of the synthetic dataset are written (under the data dir: may be a bucket)."""
+    root = epath.Path(data_dir or tfds.core.constants.DATA_DIR).expanduser()
+    return str(root / "synthetic_shapes_source" / dataset_name(config))
 
 
 def prepare(config: ml_collections.ConfigDict, data_dir: str | None) -> None:

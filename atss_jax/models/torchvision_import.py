@@ -11,26 +11,32 @@ their offset predictors keep their zero initialisation (the official DCN models 
 
 from __future__ import annotations
 
-import os
+import io
 import re
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 _BLOCK = re.compile(r"^layer(\d)\.(\d+)\.(.+)$")
 _BN_FIELDS = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a torchvision ``state_dict`` from ``.npz`` (no torch needed) or ``.pth``/``.pt``."""
-    if not os.path.exists(path):
+def load_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
+    """Reads a torchvision ``state_dict`` from ``.npz`` (no torch needed) or ``.pth``/``.pt``; ``path`` may be
+    a bucket (``gs://...``): the bytes are read through etils.epath."""
+    file = epath.Path(path)
+    path = str(path)
+    if not file.exists():
         raise FileNotFoundError(f"pretrained backbone file {path!r} does not exist")
+    data = io.BytesIO(file.read_bytes())
     if path.endswith(".npz"):
         try:
-            with np.load(path) as archive:
+            with np.load(data) as archive:
                 return {key: archive[key] for key in archive.files}
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, zipfile.BadZipFile) as error:
             raise ValueError(f"{path!r} is not a readable .npz state_dict: {error}") from error
     try:
         import torch
@@ -39,7 +45,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
             f"reading {path!r} needs torch; convert it once with scripts/convert_torchvision.py to .npz"
         ) from error
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(data, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a truncated or foreign file
         raise ValueError(f"{path!r} is not a readable torch state_dict: {error}") from error
     state = state.get("state_dict", state)
