@@ -18,7 +18,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from atss_jax import parallel, train
+from atss_jax import parallel, train_step
 from atss_jax.anchors import anchor_valid_mask, build_anchor_grid
 from atss_jax.assigners import AssignResult, build_assigner
 
@@ -75,11 +75,13 @@ def main(argv):
     config = _CONFIG.value
     canvas = tuple(config.data.canvas)
     grid = build_anchor_grid(config.anchors, canvas)
-    training = train.create_training(config)
+    begin = time.perf_counter()
+    training = train_step.create_training(config)
+    print(f"Initialised the model in {time.perf_counter() - begin:.1f} s.", flush=True)  # progress, for timeouts
     mesh, state = training.mesh, training.state
-    train_fn = train.compile_train_step(config, training.model, training.optimizer, mesh)
-    precomputed_fn = train.compile_train_step(config, training.model, training.optimizer, mesh,
-                                              assign=precomputed_assignment)
+    train_fn = train_step.compile_train_step(config, training.model, training.optimizer, mesh)
+    precomputed_fn = train_step.compile_train_step(config, training.model, training.optimizer, mesh,
+                                                   assign=precomputed_assignment)
     global_batch = _BATCH.value * jax.device_count()
     host = synthetic_batch(config, global_batch // jax.process_count(), np.random.default_rng(0))
     assignment = jax.jit(build_assigner(config.assigner, grid))(
@@ -93,9 +95,14 @@ def main(argv):
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops_per_device_step = float(cost.get("flops", 0.0))
+    print(f"Compiled the step in {compile_seconds:.1f} s: {flops_per_device_step / 1e9:.1f} GFLOPs per device.",
+          flush=True)
 
     _, state = _time_steps(train_fn, state, batch, 1)
+    begin = time.perf_counter()
     _, state = _time_steps(precomputed_fn, state, precomputed, 1)
+    print(f"Warmed up; the step with a precomputed assignment compiled and ran in {time.perf_counter() - begin:.1f} s.",
+          flush=True)
     full, without = [], []
     for _ in range(_STEPS.value):  # interleaved, so drifts hit both variants alike
         t, state = _time_steps(train_fn, state, batch, 1)

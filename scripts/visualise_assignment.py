@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from atss_jax import boxes as box_lib
@@ -64,7 +65,8 @@ def main(argv):
         axis.set_ylim(height, 0)
     figure.legend(loc="lower center", ncol=min(len(boxes), 4), fontsize=8)
     figure.suptitle(f"{config.assigner.name} assignment (k={config.assigner.topk}), image id {batch['image_id'][0]}")
-    figure.savefig(_OUT.value, dpi=100, bbox_inches="tight")
+    with epath.Path(_OUT.value).open("wb") as f:  # the output may be in a bucket
+        figure.savefig(f, format="png", dpi=100, bbox_inches="tight")
     print(f"Wrote {_OUT.value}")
 
 

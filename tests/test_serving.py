@@ -8,8 +8,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Training-only packages and this project's training-side modules.
 TRAINING_MODULES = ("optax", "clu", "tensorflow_datasets", "pycocotools", "faster_coco_eval", "atss_jax.train",
-                    "atss_jax.optim", "atss_jax.losses", "atss_jax.evaluator", "atss_jax.coco_eval",
-                    "atss_jax.assigners", "atss_jax.data.pipeline", "atss_jax.data.coco")
+                    "atss_jax.train_step", "atss_jax.optim", "atss_jax.losses", "atss_jax.evaluator",
+                    "atss_jax.coco_eval", "atss_jax.assigners", "atss_jax.data.pipeline", "atss_jax.data.coco")
 
 
 def test_serving_imports_no_training_code():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from atss_jax import checkpoint, coco_eval, evaluator, train
+from atss_jax import checkpoint, coco_eval, evaluator, train, train_step
 from atss_jax.anchors import anchors_per_location
 from atss_jax.data import pipeline, synthetic
 from atss_jax.models.detector import abstract_variables, build_detector
@@ -39,7 +39,7 @@ def _final_state(config, workdir, step=None):
     """The train state of checkpoint `step` (default: the latest) of `workdir`."""
     checkpoints = checkpoint.TrainCheckpoints(checkpoint.checkpoint_dir(workdir), config.train)
     assert checkpoints.manager.latest_step() is not None, f"no checkpoint in {workdir}"
-    return jax.device_get(checkpoints.restore(train.create_training(config).state, step))
+    return jax.device_get(checkpoints.restore(train_step.create_training(config).state, step))
 
 
 def _scalars(workdir, tag):
@@ -117,7 +117,7 @@ def test_one_and_eight_devices_agree(trained):
 
 
 def _initial_params(config):
-    return jax.device_get(train.create_training(config).state.params)
+    return jax.device_get(train_step.create_training(config).state.params)
 
 
 def test_evaluation_writes_the_twelve_coco_numbers(trained):
@@ -233,6 +233,6 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 def test_non_finite_loss_stops_training_naming_the_step(synthetic_data_config, tmp_path):
     config = _config(synthetic_data_config.data_dir)
     config.optimizer.base_lr = float("inf")
-    with pytest.raises(train.NonFiniteLossError, match="non-finite at step 1;"):
+    with pytest.raises(train_step.NonFiniteLossError, match="non-finite at step 1;"):
         train.train_and_evaluate(config, str(tmp_path))
     assert os.listdir(tmp_path / "checkpoints") == [], "nothing is saved once training diverged"

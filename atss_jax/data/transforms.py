@@ -1,18 +1,19 @@
 """Per-example transforms in pure TensorFlow (they run inside tf.data's parallel map, and in serving).
 
-Decoding and the canvases of a config live here too, so that serving needs no dataset code. Input is
-`coco.decode_example`'s output (original pixels); output is one example of the batch dict with static
-shapes: the image resized keeping its aspect ratio and zero-padded to a fixed canvas, boxes in canvas
-pixels padded to `max_boxes` with a valid mask. Randomness is stateless, keyed by a per-example seed,
-so an example's augmentation does not depend on threads or on resumption.
+Decoding and the canvases of a config (`canvas.canvases`, re-exported) live here too, so that serving
+needs no dataset code. Input is `coco.decode_example`'s output (original pixels); output is one example
+of the batch dict with static shapes: the image resized keeping its aspect ratio and zero-padded to a
+fixed canvas, boxes in canvas pixels padded to `max_boxes` with a valid mask. Randomness is stateless,
+keyed by a per-example seed, so an example's augmentation does not depend on threads or on resumption.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import ml_collections
 import tensorflow as tf
+
+from atss_jax.data.canvas import canvases as canvases  # re-exported: the pipeline, evaluation and serving use it
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
@@ -20,18 +21,6 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
     image.set_shape([None, None, 3])
     return image
-
-
-def canvases(data_config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
-    """The canvas of each bucket: the configured one, and with buckets its transpose."""
-    height, width = data_config.canvas
-    if height % 32 or width % 32:
-        raise ValueError(f"config.data.canvas={tuple(data_config.canvas)} must be multiples of 32.")
-    if not data_config.aspect_ratio_buckets:
-        return ((height, width),)
-    if height == width:
-        raise ValueError("config.data.aspect_ratio_buckets needs a non-square config.data.canvas.")
-    return ((height, width), (width, height))
 
 
 def training_targets_mask(boxes: tf.Tensor, is_crowd: tf.Tensor, image_size: tf.Tensor) -> tf.Tensor:
