@@ -1,4 +1,4 @@
-"""COCO box evaluation: ground truth from the dataset or the official JSON, pycocotools metrics, host merge.
+"""COCO box evaluation: the ground truth (the original annotation JSON), pycocotools metrics, host merge.
 
 Detections leave the device in original-image pixels with label indices; `detections_to_coco` turns
 them into COCO results (xywh, category ids, clipped to the original image). Each host writes its
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import faster_coco_eval
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from etils import epath
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -26,12 +27,54 @@ from atss_jax.data import pipeline
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
+def ground_truth(split: pipeline.Split, annotations_file: str = "") -> dict:
+    """The COCO ground truth to score detections on ``split`` against, the first that exists of:
+
+    1. ``annotations_file`` (``config.eval.annotations_file``), as given;
+    2. the split's original annotation JSON, recorded beside the dataset when it was prepared
+       (``split.annotations_path``, `coco.record_annotations`): the numbers are pycocotools' on that file;
+    3. built from the split (`ground_truth_from_split`), with a warning, for a dataset prepared before the
+       JSON was recorded (or TFDS's COCO whose downloads were not found).
+
+    Raises:
+      ValueError: the recorded JSON does not describe the split (other images or categories).
+    """
+    if annotations_file:
+        return load_ground_truth(annotations_file)
+    path = split.annotations_path
+    if path.exists():
+        recorded = load_ground_truth(str(path))
+        category_ids = sorted(c["id"] for c in recorded["categories"])
+        if len(recorded["images"]) != split.num_examples or category_ids != sorted(split.category_ids):
+            raise ValueError(
+                f"The annotations {path} recorded for split {split.name!r} of {split.builder.info.full_name!r} "
+                f"do not describe it: {len(recorded['images'])} images and category ids {category_ids}, but the "
+                f"split has {split.num_examples} images and category ids {sorted(split.category_ids)}. Delete the "
+                "file and run `python -m scripts.prepare_data` again, or set config.eval.annotations_file.")
+        return recorded
+    logging.warning(
+        "Evaluating %s split %r against ground truth built from the split: no annotation JSON is recorded beside "
+        "the dataset (%s is missing; it was prepared before they were recorded). The numbers can differ from "
+        "pycocotools' on the original JSON: the split keeps areas as integers (an object of area just above "
+        "32^2 or 96^2 counts in the wrong size classes) and boxes clipped to the image. To get them exactly, run "
+        "`python -m scripts.prepare_data` with the same config again (it records the JSON; for TFDS's COCO, "
+        "from its downloads in <data_dir>/downloads) or set config.eval.annotations_file.",
+        split.builder.info.full_name, split.name, path)
+    return ground_truth_from_split(split)
+
+
 def ground_truth_from_split(split: pipeline.Split) -> dict:
-    """A COCO ground-truth dict built from a TFDS split.
+    """A COCO ground-truth dict built from a TFDS split: `ground_truth`'s fallback for a dataset prepared
+    without its annotation JSON recorded.
 
     Crowd boxes stay (`iscrowd=1`, so detections on them are ignored, as in the official evaluation)
     and `area` is the dataset's area field (COCO's segment area decides small/medium/large, not the
-    box area), so the numbers equal those of the official annotation file.
+    box area), so on whole-number areas and boxes inside their images the numbers equal pycocotools' on
+    the original JSON (tests/test_data_coco.py). Otherwise they can differ: the split stores `area` as an
+    integer (TFDS's `coco/2017` and the `coco_format` builder truncate it), so an object of area in
+    (1024, 1025) or (9216, 9217) counts in both neighbouring size classes (pycocotools' ranges include their
+    ends) instead of the larger one, and boxes as float32 fractions clipped to the image (`coco_format`;
+    TFDS's builder rejects boxes overhanging the image).
     """
     category_ids = split.category_ids
     sizes = split.image_sizes()

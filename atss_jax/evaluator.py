@@ -4,7 +4,7 @@
     result = evaluator.run(variables, output_dir)   # on every host; the result on process 0, None elsewhere
 
 Every host runs batched inference on its share of the split (each view of ``config.eval.tta``, merged
-by class-wise NMS, when set), writes its detections to ``output_dir``, and process 0 merges the hosts'
+by NMS or box voting, when enabled), writes its detections to ``output_dir``, and process 0 merges the hosts'
 files and scores them against the ground truth. The result (one set of keys, also the keys of
 ``metrics.json`` beside ``step``):
 
@@ -44,9 +44,8 @@ class Evaluator:
         self.config = config
         self.mesh = mesh
         # With test-time augmentation every view, even a single one, goes through the merge.
-        self.merge_views = bool(config.eval.tta.min_sizes)
-        self.views = tta.views(config) if self.merge_views else [
-            tta.View(config.data.eval_min_size, False, config.data)]
+        self.merge_views = bool(config.eval.tta.enabled)
+        self.views = tta.views(config)
         self.batch_per_host = config.eval.batch_per_device * jax.local_device_count()
         # check_vma=False: eval_step is written per device, as train_step; the varying-axes check would
         # reject NMS's while_loop, whose carry starts device-invariant and becomes per-device.
@@ -61,9 +60,9 @@ class Evaluator:
         """This host's detections of one view, in original-image pixels (mirrored views mapped back).
 
         Returns:
-          (the eval data, {"image_id" [N], "original_size" [N, 2], "boxes" [N, D, 4], "scores", "classes",
-          "valid" [N, D]} for this host's N real examples in plan order, up to ``num_images_to_draw``
-          drawn images).
+          (the eval data, {"image_id" [N], "original_size" [N, 2], "scale" [N] (the view's resize), "boxes"
+          [N, D, 4], "scores", "classes", "valid" [N, D]} for this host's N real examples in plan order, up to
+          ``num_images_to_draw`` drawn images).
         """
         data = pipeline.eval_dataset(view.data_config, batch_per_host=self.batch_per_host, horizontal_flip=view.flip)
         parts, drawn = [], []
@@ -72,6 +71,7 @@ class Evaluator:
             out = {k: parallel.local_rows(v) for k, v in detections.items()}
             valid = batch["example_valid"]
             parts.append({"image_id": batch["image_id"][valid], "original_size": batch["original_size"][valid],
+                          "scale": batch["scale"][valid],
                           **{k: out[k][valid] for k in ("boxes", "scores", "classes", "valid")}})
             if len(drawn) < num_images_to_draw and parallel.is_main_process():
                 drawn += visualise.draw_batch_detections(batch, out, num_images_to_draw - len(drawn),
@@ -95,9 +95,7 @@ class Evaluator:
             for view in self.views:
                 data, predictions, _ = self.predict(variables, view)
                 view_predictions.append(predictions)
-            predictions = {**view_predictions[0], **tta.merge_views(
-                view_predictions, iou_threshold=eval_config.nms_iou_threshold,
-                max_detections=eval_config.max_detections)}
+            predictions = {**view_predictions[0], **tta.merge_views(view_predictions, self.views, eval_config)}
             drawn = []
         else:
             data, predictions, drawn = self.predict(variables, self.views[0], eval_config.num_images_to_draw)
@@ -115,11 +113,10 @@ class Evaluator:
                 "table": coco_eval.format_table(stats, per_class, names), "images": drawn}
 
     def ground_truth(self, split: pipeline.Split) -> dict:
-        """The COCO ground truth: ``config.eval.annotations_file`` when set, else built from the split (once)."""
+        """The COCO ground truth (read once): ``config.eval.annotations_file`` when set, else the split's
+        annotation JSON recorded at prepare time, else built from the split (`coco_eval.ground_truth`)."""
         if self._ground_truth is None:
-            annotations_file = self.config.eval.annotations_file
-            self._ground_truth = (coco_eval.load_ground_truth(annotations_file) if annotations_file
-                                  else coco_eval.ground_truth_from_split(split))
+            self._ground_truth = coco_eval.ground_truth(split, self.config.eval.annotations_file)
         return self._ground_truth
 
 

@@ -31,7 +31,8 @@ def eval_step(variables: dict, batch: dict[str, jax.Array], *, config: ml_collec
     """
     grid = build_anchor_grid(config.anchors, batch["image"].shape[1:3])
     anchors, strides = jnp.asarray(grid.boxes), jnp.asarray(grid.anchor_strides)
-    class_logits, box_regression, centerness_logits = model.apply(variables, batch["image"], train=False)
+    class_logits, box_regression, centerness_logits = model.apply(variables, batch["image"], batch["image_size"],
+                                                                     train=False)
     decoded = box_lib.decode_regression(config.model.head.regression, anchors, strides, box_regression)
     if not config.model.head.use_centerness:
         centerness_logits = jnp.full_like(centerness_logits, jnp.inf)  # sigmoid -> 1: rank by class only

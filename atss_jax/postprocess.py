@@ -1,4 +1,5 @@
-"""Fixed-shape inference post-processing: per-level top-k, decoding done by the caller, class-aware NMS.
+"""Fixed-shape inference post-processing: per-level top-k, decoding done by the caller, class-aware NMS, and
+the box voting that merges test-time augmentation views (``box_vote``, ``best_detections``).
 
 Everything here works on one image and is batched with ``jax.vmap``; every shape is static
 (``pre_nms_topk`` candidates per level, ``max_detections`` outputs), validity travels in masks.
@@ -155,3 +156,98 @@ def select_detections(
         classes=jnp.where(keep_valid, class_index[keep], 0),
         valid=keep_valid,
     )
+
+
+def box_vote(
+    boxes: jax.Array,
+    scores: jax.Array,
+    classes: jax.Array,
+    valid: jax.Array,
+    *,
+    vote_threshold: float,
+    soft: bool,
+    soft_score_threshold: float,
+) -> Detections:
+    """Class-wise box voting over the candidates of one image: the official test-time augmentation merge.
+
+    The official ``bbox_vote`` / ``soft_bbox_vote`` (``atss_core/engine/bbox_aug_vote.py``) with static
+    shapes. Per class, greedily: the best remaining candidate (ties: lower index first) and every remaining
+    candidate of its class with IoU >= ``vote_threshold`` form a cluster and leave the pool. The cluster
+    gives the score-weighted mean of its boxes with the best score (a lone candidate gives itself). With
+    ``soft`` (the official "soft-vote"), each other member also comes back as itself with score
+    ``score * (1 - IoU with the best)`` when that is at least ``soft_score_threshold`` (the official
+    ``MODEL.RETINANET.INFERENCE_TH``, 0.05 by default). Unlike NMS, nothing is capped here: each candidate
+    gives at most one output row, so the output has the input's size.
+
+    IoU is the continuous one (no "+1"): the official boxes count inclusive pixels, ``x2 - x1 + 1`` wide,
+    which are this project's continuous boxes shifted by one pixel, so both give the same overlaps.
+
+    Args:
+      boxes: ``[N, 4]`` float32 xyxy.
+      scores: ``[N]`` float32.
+      classes: ``[N]`` int32.
+      valid: ``[N]`` bool; invalid candidates take no part.
+      vote_threshold: IoU with a cluster's best box from which a candidate joins the cluster.
+      soft: also return the soft (down-weighted) members of every cluster.
+      soft_score_threshold: smallest score a soft member keeps; must be positive (the official
+        code would otherwise also return each cluster's best box a second time, with score 0).
+
+    Returns:
+      ``Detections`` with ``[N]`` rows in decreasing input score (not output score); rows that give
+      nothing are invalid and hold zeros.
+    """
+    if soft and soft_score_threshold <= 0:
+        raise ValueError(f"soft_score_threshold={soft_score_threshold} must be positive for soft voting")
+    num = boxes.shape[0]
+    order = jnp.argsort(jnp.where(valid, -scores, jnp.inf), stable=True)
+    boxes, scores, classes, valid = boxes[order], scores[order], classes[order], valid[order]
+    positions = jnp.arange(num)
+
+    def vote(state):
+        remaining, out_boxes, out_scores, out_valid = state
+        # In score order the first remaining candidate is the best one left.
+        top = jnp.argmax(remaining)
+        is_top = positions == top
+        overlap = box_lib.elementwise_iou(boxes[top], boxes)
+        members = remaining & (classes == classes[top]) & ((overlap >= vote_threshold) | is_top)
+        weights = jnp.where(members, scores, 0.0)
+        voted = jnp.sum(weights[:, None] * boxes, axis=0) / jnp.maximum(jnp.sum(weights), 1e-12)
+        # A lone candidate keeps its own box bit for bit (the official code copies it).
+        voted = jnp.where(jnp.sum(members) > 1, voted, boxes[top])
+        out_boxes = jnp.where(is_top[:, None], voted, out_boxes)
+        out_scores = jnp.where(is_top, scores[top], out_scores)
+        out_valid = out_valid | is_top
+        if soft:
+            soft_scores = scores * (1.0 - overlap)
+            extra = members & ~is_top & (soft_scores >= soft_score_threshold)
+            out_boxes = jnp.where(extra[:, None], boxes, out_boxes)
+            out_scores = jnp.where(extra, soft_scores, out_scores)
+            out_valid = out_valid | extra
+        return remaining & ~members, out_boxes, out_scores, out_valid
+
+    init = (valid, jnp.zeros_like(boxes), jnp.zeros_like(scores), jnp.zeros((num,), bool))
+    _, out_boxes, out_scores, out_valid = jax.lax.while_loop(lambda state: jnp.any(state[0]), vote, init)
+    return Detections(boxes=out_boxes, scores=out_scores, classes=jnp.where(out_valid, classes, 0).astype(jnp.int32),
+                      valid=out_valid)
+
+
+def best_detections(detections: Detections, max_detections: int) -> Detections:
+    """The ``max_detections`` best-scored valid rows, best first (ties: lower index first).
+
+    Args:
+      detections: ``[N]`` rows of one image; any N (padded with invalid rows when below ``max_detections``).
+      max_detections: M, the output size.
+
+    Returns:
+      ``Detections`` with ``[M]`` rows; padding rows are invalid and hold zeros.
+    """
+    missing = max_detections - detections.scores.shape[0]
+    if missing > 0:
+        detections = Detections(*(jnp.concatenate([x, jnp.zeros((missing, *x.shape[1:]), x.dtype)])
+                                  for x in detections))
+    _, index = jax.lax.top_k(jnp.where(detections.valid, detections.scores, -jnp.inf), max_detections)
+    keep_valid = detections.valid[index]
+    return Detections(boxes=jnp.where(keep_valid[:, None], detections.boxes[index], 0.0),
+                      scores=jnp.where(keep_valid, detections.scores[index], 0.0),
+                      classes=jnp.where(keep_valid, detections.classes[index], 0),
+                      valid=keep_valid)

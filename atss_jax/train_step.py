@@ -56,7 +56,14 @@ def check_config(config: ml_collections.ConfigDict, num_categories: int) -> None
     if backbone.norm == "frozen_bn" and not backbone.pretrained:
         raise ValueError("config.model.backbone.norm='frozen_bn' freezes BatchNorm at ImageNet statistics: it needs "
                          "config.model.backbone.pretrained (convert torchvision weights with "
-                         "scripts/convert_torchvision.py), or use norm='gn' or 'bn' to train from scratch.")
+                         "scripts/convert_torchvision.py, or give a Detectron .pkl as it is), or use norm='gn' or "
+                         "'bn' to train from scratch.")
+    if str(backbone.pretrained).endswith(".pkl") and config.model.input_channels != "bgr":
+        # The file cannot say so itself: Caffe2 blobs have the same shapes whatever input they were trained on.
+        raise ValueError(f"config.model.backbone.pretrained={backbone.pretrained} is a Detectron Caffe2 pickle, "
+                         "trained on BGR images minus Detectron's means, but config.model.input_channels="
+                         f"{config.model.input_channels!r}: use an ':official' config (base.with_official_recipe) "
+                         "or set input_channels='bgr', pixel_mean and pixel_std as it does.")
     if config.train.global_batch % jax.device_count():
         raise ValueError(f"config.train.global_batch={config.train.global_batch} is not a multiple of the "
                          f"{jax.device_count()} devices.")
@@ -82,8 +89,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, config: ml_col
     assignment = assign(grid, anchor_valid, batch)
 
     def loss_fn(params):
-        outputs, new_model_state = model.apply({"params": params, **state.model_state}, batch["image"], train=True,
-                                               mutable=["batch_stats"])
+        outputs, new_model_state = model.apply({"params": params, **state.model_state}, batch["image"],
+                                               batch["image_size"], train=True, mutable=["batch_stats"])
         terms = losses.detection_losses(
             *outputs, anchors=jnp.asarray(grid.boxes), anchor_strides=jnp.asarray(grid.anchor_strides),
             anchor_valid=anchor_valid, gt_index=assignment.gt_index, gt_boxes=batch["boxes"],

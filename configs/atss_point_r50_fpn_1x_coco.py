@@ -1,5 +1,7 @@
 """Anchor-free ATSS (FCOS + ATSS): points regress LTRB distances; for assignment each point is a
-square anchor of side 8 * stride (octave_base_scale 8, one scale and ratio). Paper: 39.2 AP (1x)."""
+square anchor of side 8 * stride (octave_base_scale 8, one scale and ratio). As the official
+REGRESSION_TYPE 'POINT', the distances start at 4 strides (the head's box bias), i.e. at that square.
+Paper: 39.2 AP (1x)."""
 
 import ml_collections
 

@@ -1,7 +1,9 @@
 """ATSS R50-FPN 1x on COCO (the paper's main setting, 39.3 AP on minival): the base config.
 
-Needs ImageNet weights: `python -m scripts.convert_torchvision resnet50.pth r50.npz` (torchvision's
-checkpoint), then `--config.model.backbone.pretrained=r50.npz`.
+Recipes: "" the mmdetection recipe (`config.recipe`), with torchvision's ImageNet weights:
+`python -m scripts.convert_torchvision resnet50.pth r50.npz`, then `--config.model.backbone.pretrained=r50.npz`.
+":official" the official code's (configs/atss/atss_R_50_FPN_1x.yaml; `base.with_official_recipe`), from
+Detectron's MSRA R-50 `.pkl` in `model.backbone.pretrained`.
 """
 
 import ml_collections
@@ -9,5 +11,5 @@ import ml_collections
 from configs import base
 
 
-def get_config() -> ml_collections.ConfigDict:
-    return base.get_config()
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    return base.variant(base.get_config(), variant)

@@ -1,15 +1,18 @@
-"""ATSS ResNeXt-101 32x8d-FPN, 2x multi-scale training (the paper's Table 8: 45.1 AP on test-dev).
+"""ATSS ResNeXt-101 32x8d-FPN, 2x multi-scale training (official configs/atss/atss_X_101_32x8d_FPN_2x.yaml;
+the paper's Table 8: 45.1 AP on test-dev).
 
-ImageNet weights: torchvision's `resnext101_32x8d` checkpoint through `scripts/convert_torchvision.py`.
+Recipes: "" mmdetection's (`config.recipe`; torchvision's `resnext101_32x8d` checkpoint through
+`scripts/convert_torchvision.py`), ":official" the official code's (`base.with_official_recipe`; FAIR's
+X-101-32x8d `.pkl`).
 """
 
 import ml_collections
 
-from configs import atss_r101_fpn_ms_2x_coco
+from configs import atss_r101_fpn_ms_2x_coco, base
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = atss_r101_fpn_ms_2x_coco.get_config()
     config.model.backbone.groups = 32
     config.model.backbone.width_per_group = 8
-    return config
+    return base.variant(config, variant)

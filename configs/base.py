@@ -14,10 +14,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.data_dir = ""  # TFDS data directory; "" = TFDS's default (~/tensorflow_datasets)
     config.data.train_split = "train"
     config.data.eval_split = "validation"
-    # Fixed (height, width) canvas, multiples of 32: images are resized into it and zero-padded; one compile.
+    # Fixed (height, width) canvas, multiples of 32: images are resized into it and zero-padded.
     config.data.canvas = (800, 1344)
-    # Also use the transposed canvas for images of the other orientation (two compiles, less padding).
-    config.data.aspect_ratio_buckets = False
+    # Portrait images go to the transposed canvas (1344 x 800), so every image gets the official short side
+    # (min_sizes, eval_min_size) and long-side cap (max_size) whatever its orientation; each global batch
+    # draws from one orientation (two compiles). Off, portrait images are shrunk to fit the landscape canvas.
+    config.data.aspect_ratio_buckets = True
     config.data.min_sizes = (800,)  # short-side targets; several = multi-scale training, one drawn per image
     config.data.max_size = 1333  # longest side after resizing
     config.data.eval_min_size = 800
@@ -41,6 +43,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_classes = 80
     # Computation dtype ("float32" or "bfloat16"); parameters stay float32.
     config.model.dtype = "float32"
+    # Input normalisation on device, after the uint8 image leaves the host: channel order fed to the backbone
+    # ("rgb", torchvision/mmdetection weights; "bgr", Detectron's Caffe2 weights), then (x - mean) / std per channel,
+    # both given in that order on the 0-255 scale. The canvas padding is zero after normalisation.
+    config.model.input_channels = "rgb"
+    config.model.pixel_mean = (123.675, 116.28, 103.53)
+    config.model.pixel_std = (58.395, 57.12, 57.375)
     config.model.backbone = ml_collections.ConfigDict()
     config.model.backbone.depth = 50
     # "frozen_bn" (ImageNet-pretrained, the COCO default), "bn" (trainable) or "gn" (from scratch).
@@ -50,15 +58,22 @@ def get_config() -> ml_collections.ConfigDict:
     # ResNeXt: cardinality and bottleneck width per group (1 and 64 = ResNet; 32 and 8 = X-101-32x8d).
     config.model.backbone.groups = 1
     config.model.backbone.width_per_group = 64
-    # Stages (1-4 = torchvision's layer1-4) whose 3x3 convs are DCNv2; the paper's DCN rows: (2, 3, 4).
+    # Stages (1-4 = torchvision's layer1-4 = C2-C5) whose 3x3 convs are DCNv2; the official dcnv2 configs
+    # (STAGE_WITH_DCN): (2, 3, 4) = C3-C5 for R-50/R-101, (3, 4) = C4-C5 for X-101 (`with_dcnv2`).
     config.model.backbone.deformable_stages = ()
-    # A torchvision ResNet state_dict (.npz from scripts/convert_torchvision.py, or .pth); "" = none.
+    # ImageNet weights, the format from the file name: a torchvision ResNet state_dict (.npz from
+    # scripts/convert_torchvision.py, or .pth) or a Detectron Caffe2 pickle as downloaded (.pkl: R-50.pkl, R-101.pkl,
+    # X-101-32x8d.pkl, X-101-64x4d.pkl; BGR input and Detectron's means, see `with_official_recipe`); "" = none.
     config.model.backbone.pretrained = ""
+    # Where a bottleneck's stride sits: False = the 3x3 conv (torchvision, FAIR X-101), True = the first 1x1
+    # conv (Detectron's MSRA R-50/R-101 weights, which the official ATSS models start from).
+    config.model.backbone.stride_in_1x1 = False
     config.model.fpn_features = 256
     config.model.head = ml_collections.ConfigDict()
     config.model.head.features = 256
     config.model.head.num_convs = 4
-    # "box": deltas from anchors (anchor-based); "point": LTRB distances in strides (FCOS-style).
+    # "box": deltas from anchors (anchor-based); "point": LTRB distances in strides (FCOS-style; one anchor per
+    # location, box bias starting at 4 as the official REGRESSION_TYPE 'POINT').
     config.model.head.regression = "box"
     # The paper's Table 1 switches.
     config.model.head.use_group_norm = True
@@ -88,16 +103,26 @@ def get_config() -> ml_collections.ConfigDict:
     # ATSS only: "grid" (a star of locations per box and level, the fast default) or "full_matrix" (reference);
     # both give the same assignment.
     config.assigner.atss_implementation = "grid"
+    # ATSS and max_iou's in_gt_box: an anchor centre must lie this far (pixels) inside its box.
     config.assigner.center_eps = 0.01
     # max_iou (RetinaNet).
     config.assigner.pos_iou_thr = 0.5
     config.assigner.neg_iou_thr = 0.4
     config.assigner.low_quality_matches = True
+    # Table 1 "In GT Box": positives whose anchor centre is outside their box are ignored. Always on in the official
+    # code's POSITIVE_TYPE 'IoU'; False = the original RetinaNet.
+    config.assigner.in_gt_box = True
     # fcos and fcos_center_sampling.
     config.assigner.regress_ranges = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, math.inf))
     config.assigner.center_sampling_radius = 1.5
 
     config.seed = 0  # initialisation, data order and augmentation
+    # Whose training recipe the config follows (say it in the config's docstring):
+    #   "mmdetection": mmdetection's ATSS: torchvision ImageNet weights (RGB, torchvision's mean and std, stride
+    #     in the 3x3 conv), one rate and weight decay for every parameter, linear warmup; here with the official
+    #     iteration schedule and warmup factor (mmdetection warms up from 0.001 and decays at epochs 8 and 11).
+    #   "official": the official code (sfzhang15/ATSS on maskrcnn-benchmark), set by `with_official_recipe`.
+    config.recipe = "mmdetection"
     # COCO-size training on a CPU would take months: atss_jax.main refuses it unless --allow_cpu is given.
     config.requires_accelerator = True
 
@@ -119,15 +144,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.momentum = 0.9
     config.optimizer.weight_decay = 1e-4
     config.optimizer.decay_norm_and_bias = True  # False exempts every 1-D parameter (norm scales, biases)
+    # Parameters named "bias" (convs, GroupNorm; optim.bias_mask) train at this multiple of the rate with this
+    # multiple of weight_decay: the official solver's BIAS_LR_FACTOR 2 and WEIGHT_DECAY_BIAS 0 (factors 2 and 0).
+    config.optimizer.bias_lr_factor = 1.0
+    config.optimizer.bias_weight_decay_factor = 1.0
     config.optimizer.warmup_steps = 500
-    config.optimizer.warmup_factor = 1.0 / 3.0  # linear warmup from this fraction of the rate
+    # Steps 0 .. warmup_steps - 1 run at a fraction of the rate: "linear" rises from warmup_factor to 1,
+    # "constant" holds warmup_factor (the official configs' WARMUP_METHOD).
+    config.optimizer.warmup_method = "linear"
+    config.optimizer.warmup_factor = 1.0 / 3.0
     config.optimizer.lr_milestones = (2.0 / 3.0, 8.0 / 9.0)  # fractions of num_steps (60k and 80k of 90k)
     config.optimizer.lr_decay = 0.1
     config.optimizer.clip_grad_norm = 0.0  # 0: no clipping
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_per_device = 8
-    # The official annotations JSON for pycocotools ("" = built from the TFDS split: same numbers).
+    # An annotations JSON for pycocotools; "" = the eval split's original JSON, recorded when it was prepared
+    # (coco_eval.ground_truth; a dataset prepared before that: built from the split, with a warning).
     config.eval.annotations_file = ""
     # "faster_coco_eval" (C++, same 12 numbers: scripts/benchmark_eval.py checks) or "pycocotools".
     config.eval.evaluator = "faster_coco_eval"
@@ -137,19 +170,73 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.max_detections = 100
     config.eval.num_images_to_draw = 4
     config.eval.draw_score_threshold = 0.3
-    # Test-time augmentation (atss_jax/tta.py): short sides of the views, () = off. The long-side cap and the
-    # canvas scale with each; `flip` adds each view mirrored. Views merge by class-wise NMS
-    # (nms_iou_threshold, max_detections above). No detection images are drawn with TTA.
+    # Test-time augmentation (atss_jax/tta.py), the official TEST.BBOX_AUG (defaults as its defaults.py, off).
+    # Views: the plain evaluation, mirrored too with `flip` (H_FLIP), then each of `min_sizes` (SCALES) with its
+    # long-side cap (`max_size`, MAX_SIZE; data.max_size below data.eval_min_size, as the official vote path),
+    # each also mirrored with `scale_flip` (SCALE_H_FLIP). `size_ranges` (SCALE_RANGES): per entry of
+    # `min_sizes`, the (low, high) bounds, exclusive, on sqrt(box area) in that view's pixels outside which its
+    # detections are dropped; () = keep all. The views' detections (max_detections above, each) merge per image
+    # by `merge`: "nms" (class-wise NMS at nms_iou_threshold above), "vote" or "soft-vote" (the official box
+    # voting at IoU `vote_threshold`; soft members keep scores >= `soft_score_threshold`); the best
+    # `max_detections` are kept. No detection images are drawn with TTA.
     config.eval.tta = ml_collections.ConfigDict()
-    config.eval.tta.min_sizes = ()
+    config.eval.tta.enabled = False
     config.eval.tta.flip = False
+    config.eval.tta.min_sizes = ()
+    config.eval.tta.max_size = 4000
+    config.eval.tta.scale_flip = False
+    config.eval.tta.size_ranges = ()
+    config.eval.tta.merge = "nms"
+    config.eval.tta.vote_threshold = 0.66
+    config.eval.tta.soft_score_threshold = 0.05
+    config.eval.tta.max_detections = 100
 
     return config.lock()
 
 
-def with_dcnv2(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config`` with modulated deformable convolutions where the paper's DCN rows (and the official
-    ``dcnv2`` configs) put them: the 3x3 convs of stages 2-4 (C3-C5) and the last conv of each head tower."""
-    config.model.backbone.deformable_stages = (2, 3, 4)
+def with_dcnv2(config: ml_collections.ConfigDict, stages: tuple[int, ...] = (2, 3, 4)) -> ml_collections.ConfigDict:
+    """``config`` with modulated deformable convolutions in the 3x3 convs of backbone ``stages`` (1-4 = C2-C5)
+    and the last conv of each head tower. The official ``dcnv2`` configs (``STAGE_WITH_DCN``): C3-C5, the default,
+    for R-50 and R-101; C4-C5, ``(3, 4)``, for X-101."""
+    config.model.backbone.deformable_stages = stages
     config.model.head.deformable_tower = True
     return config
+
+
+# The official configs' input (atss_core/config/defaults.py INPUT.*, not overridden by configs/atss/*.yaml): BGR
+# on the 0-255 scale minus Detectron's means, standard deviation 1.
+OFFICIAL_PIXEL_MEAN_BGR = (102.9801, 115.9465, 122.7717)
+
+
+def with_official_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` trained as the official code trains it (``config.recipe = "official"``).
+
+    The solver (atss_core/solver/build.py, lr_scheduler.py; SOLVER.* in defaults.py and configs/atss/*.yaml):
+    biases at twice the rate without weight decay, a constant warmup at 1/3 of the rate for 500 steps. The
+    backbone starts from Detectron's Caffe2 ImageNet weights (a ``.pkl`` in ``model.backbone.pretrained``):
+    BGR input, Detectron's means, std 1, and the stride in the first 1x1 conv for the MSRA ResNets
+    (STRIDE_IN_1X1 True, the default) but in the 3x3 conv for FAIR's ResNeXts (the X-101 yamls set it False).
+    Multi-scale training (``data.min_sizes``) already draws every short side 640..800 as MIN_SIZE_RANGE_TRAIN.
+    """
+    config.recipe = "official"
+    config.optimizer.bias_lr_factor = 2.0
+    config.optimizer.bias_weight_decay_factor = 0.0
+    config.optimizer.warmup_method = "constant"
+    config.optimizer.warmup_factor = 1.0 / 3.0
+    config.optimizer.warmup_steps = 500
+    config.model.input_channels = "bgr"
+    config.model.pixel_mean = OFFICIAL_PIXEL_MEAN_BGR
+    config.model.pixel_std = (1.0, 1.0, 1.0)
+    config.model.backbone.stride_in_1x1 = config.model.backbone.groups == 1
+    return config
+
+
+VARIANTS = ("", "official")
+
+
+def variant(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """An ATSS config's variant ``name`` (``--config=configs/atss_....py:official``): "" itself (the
+    mmdetection recipe), "official" the official code's recipe (`with_official_recipe`)."""
+    if name not in VARIANTS:
+        raise ValueError(f"The ATSS configs have no variant {name!r}; they have {VARIANTS}.")
+    return with_official_recipe(config) if name == "official" else config

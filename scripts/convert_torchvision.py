@@ -3,7 +3,10 @@ r"""Converts a torchvision ResNet or ResNeXt checkpoint (.pth) into an .npz stat
 python -m scripts.convert_torchvision resnet50-0676ba61.pth resnet50.npz
 python -m scripts.convert_torchvision resnext101_32x8d-8ba56ff5.pth gs://bucket/weights/x101_32x8d.npz
 
-Either path may be a bucket (gs://...).
+The files named are torchvision's IMAGENET1K_V1 weights (the original recipe, as mmdetection's ATSS used);
+either path may be a bucket (gs://...). The .pth is read with torch's weights_only=True: no code from the
+file runs. Detectron's Caffe2 pickles (R-50.pkl, ...) need no conversion: set them as
+config.model.backbone.pretrained directly.
 """
 
 import io

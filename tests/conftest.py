@@ -28,3 +28,20 @@ def synthetic_data_config(tmp_path_factory) -> ml_collections.ConfigDict:
     config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
     datasets.prepare(config.data)
     return config.data
+
+
+@pytest.fixture(scope="session")
+def tiny_trainings(synthetic_data_config, tmp_path_factory) -> tuple[str, dict[int, str]]:
+    """(data_dir, {devices: workdir}): the tiny config trained for 3 steps in a fresh process on 1 device and on
+    8 simulated devices (same global batch); shared by the trainer and multi-host tests, which must not write
+    into these workdirs."""
+    from tests.test_train import _run_training
+
+    data_dir = synthetic_data_config.data_dir
+    workdirs = {}
+    for devices in (1, 8):
+        workdir = str(tmp_path_factory.mktemp(f"train_{devices}"))
+        result = _run_training(workdir, data_dir, devices)
+        assert result.returncode == 0, result.stderr[-3000:]
+        workdirs[devices] = workdir
+    return data_dir, workdirs

@@ -64,7 +64,8 @@ def atss_reference(anchors, anchor_valid, gt_boxes, gt_valid, level_sizes, topk,
     return gt_index, counts, thresholds
 
 
-def max_iou_reference(anchors, anchor_valid, gt_boxes, gt_valid, pos_iou_thr, neg_iou_thr, low_quality_matches):
+def max_iou_reference(anchors, anchor_valid, gt_boxes, gt_valid, pos_iou_thr, neg_iou_thr, low_quality_matches,
+                      in_gt_box=False, center_eps=0.01):
     """Returns gt_index [A] (-1 negative, -2 ignored)."""
     num_anchors, num_boxes = len(anchors), len(gt_boxes)
     iou = np.full((num_boxes, num_anchors), -1.0)
@@ -90,6 +91,14 @@ def max_iou_reference(anchors, anchor_valid, gt_boxes, gt_valid, pos_iou_thr, ne
             for a in range(num_anchors):
                 if anchor_valid[a] and iou[g, a] == box_best:
                     gt_index[a] = best_box[a]
+    if in_gt_box:
+        for a in range(num_anchors):
+            if gt_index[a] < 0:
+                continue
+            ax, ay = _center(anchors[a].astype(F32))
+            x1, y1, x2, y2 = gt_boxes[gt_index[a]].astype(F32)
+            if not min(ax - x1, ay - y1, x2 - ax, y2 - ay) > center_eps:
+                gt_index[a] = -2
     return gt_index
 
 

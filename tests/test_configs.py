@@ -1,6 +1,8 @@
-"""Every experiment config builds its model (shapes only, at full size), assigner and schedule."""
+"""Every experiment config (and each ATSS config's official variant) builds its model (shapes only, at full
+size), assigner and schedule."""
 
 import importlib
+import inspect
 import os
 
 import jax
@@ -11,22 +13,62 @@ from atss_jax import optim
 from atss_jax.anchors import anchors_per_location, build_anchor_grid
 from atss_jax.assigners import build_assigner
 from atss_jax.data import transforms
-from atss_jax.models.detector import build_detector
+from atss_jax.models.detector import build_detector, full_image_sizes
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 NAMES = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and f != "__init__.py")
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_config_builds(name):
-    config = importlib.import_module(f"configs.{name}").get_config()
-    canvas = transforms.canvases(config.data)[0]
+def _variants(name: str) -> tuple[str, ...]:
+    """The ATSS configs built on `base.variant` take "official" too."""
+    module = importlib.import_module(f"configs.{name}")
+    takes_variant = name.startswith("atss_") and "variant" in inspect.signature(module.get_config).parameters
+    return ("", "official") if takes_variant else ("",)
+
+
+CONFIGS = [(name, variant) for name in NAMES for variant in _variants(name)]
+
+
+# Class-logit shapes by architecture (model, anchors and canvas): configs differing only in data, schedule,
+# optimiser or input normalisation share one trace, which keeps this test's CI time small.
+_SHAPES: dict[str, tuple[int, ...]] = {}
+_NORMALISATION = ("input_channels", "pixel_mean", "pixel_std")
+
+
+def _class_logits_shape(config, canvas: tuple[int, int]) -> tuple[int, ...]:
+    model_fields = {k: v for k, v in config.model.to_dict().items() if k not in _NORMALISATION}
+    key = f"{model_fields} {config.anchors.to_json()} {canvas}"
+    if key not in _SHAPES:
+        model = build_detector(config.model, anchors_per_location(config.anchors))
+        image = jnp.zeros((1, *canvas, 3), jnp.uint8)
+        outputs, _ = jax.eval_shape(model.init_with_output, jax.random.key(0), image, full_image_sizes(1, canvas))
+        _SHAPES[key] = outputs[0].shape
+    return _SHAPES[key]
+
+
+@pytest.mark.parametrize("name,variant", CONFIGS)
+def test_config_builds(name, variant):
+    module = importlib.import_module(f"configs.{name}")
+    config = module.get_config(variant) if variant else module.get_config()
+    canvas = tuple(transforms.canvases(config.data)[0])
     grid = build_anchor_grid(config.anchors, canvas)
-    model = build_detector(config.model, anchors_per_location(config.anchors))
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *canvas, 3), jnp.uint8))
-    outputs = jax.eval_shape(model.apply, shapes, jnp.zeros((1, *canvas, 3), jnp.uint8))
-    assert outputs[0].shape == (1, grid.num_anchors, config.model.num_classes)
+    assert _class_logits_shape(config, canvas) == (1, grid.num_anchors, config.model.num_classes)
     build_assigner(config.assigner, grid)
+    optim.learning_rate_schedule(config.optimizer, global_batch=config.train.global_batch,
+                                 num_steps=config.train.num_steps)
+
+
+@pytest.mark.parametrize("name,variant", CONFIGS)
+def test_recipe_field_names_the_recipe(name, variant):
+    """`config.recipe` says which optimiser and input settings the config has (configs/base.py)."""
+    module = importlib.import_module(f"configs.{name}")
+    config = module.get_config(variant) if variant else module.get_config()
+    recipe = (config.optimizer.bias_lr_factor, config.optimizer.bias_weight_decay_factor,
+              config.optimizer.warmup_method, config.model.input_channels)
+    assert recipe == {"mmdetection": (1.0, 1.0, "linear", "rgb"), "official": (2.0, 0.0, "constant", "bgr")}[
+        config.recipe]
+    if len(_variants(name)) > 1:  # the ATSS configs' docstrings say which recipe their variants follow
+        assert "recipe" in module.__doc__.lower()
 
 
 def test_config_is_locked():

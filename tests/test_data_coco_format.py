@@ -1,5 +1,7 @@
 """The COCO-format builder on a small folder the test writes; malformed annotations give clear errors."""
 
+import contextlib
+import io
 import json
 import os
 
@@ -7,7 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
+from atss_jax import coco_eval
 from atss_jax.data import coco, coco_format, datasets, pipeline, splits
 from configs import demo
 
@@ -35,6 +40,8 @@ def custom_config(tmp_path_factory):
         {"id": 1, "image_id": 100, "category_id": 12, "bbox": [2, 3, 10, 12], "area": 90.5, "iscrowd": 0},
         {"id": 2, "image_id": 100, "category_id": 40, "bbox": [35, 20, 10, 20], "area": 50, "iscrowd": 0},
         {"id": 3, "image_id": 101, "category_id": 7, "bbox": [1, 1, 15, 40], "area": 300, "iscrowd": 1},
+        # A segment area just above 32**2: medium for pycocotools, small and medium once truncated to 1024.
+        {"id": 4, "image_id": 102, "category_id": 40, "bbox": [0, 0, 32, 32], "area": 1024.5, "iscrowd": 0},
     ]
     path = _write(folder, images, annotations)
     config = demo.get_config("tiny")
@@ -158,3 +165,33 @@ def test_missing_or_stale_image_sizes_are_clear_errors(custom_config):
         assert split.image_sizes_path.read_bytes() == recorded
     finally:
         split.image_sizes_path.write_bytes(recorded)
+
+
+@pytest.mark.parametrize("evaluator", coco_eval.EVALUATORS)
+def test_evaluation_ground_truth_scores_exactly_like_the_configured_json(custom_config, evaluator):
+    """The split's JSON is recorded at prepare time and is the evaluation ground truth: the 12 numbers are
+    pycocotools' on the configured file, although the split clips the overhanging box and truncates 1024.5."""
+    path = custom_config.coco_format.annotations.validation
+    split = pipeline.open_split(custom_config, "validation")
+    with open(path, "rb") as f:
+        assert split.annotations_path.read_bytes() == f.read()
+    detections = [
+        {"image_id": 100, "category_id": 12, "bbox": [2, 3, 10, 12], "score": 0.9},
+        # The overhanging [35, 20, 10, 20] clipped to the image: IoU 0.5 with the annotated box, 1 once clipped.
+        {"image_id": 100, "category_id": 40, "bbox": [35, 20, 5, 20], "score": 0.8},
+        {"image_id": 101, "category_id": 7, "bbox": [1, 1, 15, 40], "score": 0.7},  # on the crowd: ignored
+        {"image_id": 102, "category_id": 40, "bbox": [0, 0, 32, 32], "score": 0.6},
+        {"image_id": 102, "category_id": 7, "bbox": [0, 0, 16, 16], "score": 0.5},  # a false positive
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        official = COCO(path)
+        evaluation = COCOeval(official, official.loadRes(detections), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    want = dict(zip(coco_eval.METRIC_NAMES, evaluation.stats.tolist()))
+    got, _ = coco_eval.coco_metrics(coco_eval.ground_truth(split), detections, evaluator)
+    assert got == pytest.approx(want, abs=1e-12)
+    from_split, _ = coco_eval.coco_metrics(coco_eval.ground_truth_from_split(split), detections, evaluator)
+    for metric in ("AP", "APs"):  # the clipped box, the truncated area
+        assert from_split[metric] != pytest.approx(want[metric], abs=1e-3), metric

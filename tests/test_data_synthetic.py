@@ -2,12 +2,14 @@
 
 import contextlib
 import io
+from unittest import mock
 
 import numpy as np
 import pytest
+from etils import epath
 from pycocotools.coco import COCO
 
-from atss_jax.data import synthetic
+from atss_jax.data import datasets, pipeline, synthetic
 from configs import demo
 
 
@@ -70,3 +72,22 @@ def test_written_annotations_load_in_pycocotools(config, tmp_path):
         image = ground_truth.loadImgs(annotation["image_id"])[0]
         x, y, w, h = annotation["bbox"]
         assert x + w <= image["width"] and y + h <= image["height"]
+
+
+def test_prepare_records_the_written_annotations(synthetic_data_config):
+    """Both splits' JSONs are recorded beside the prepared dataset (the evaluation ground truth); preparing a
+    dataset prepared without them records them again from the generated files, generating nothing."""
+    source = synthetic.source_dir(synthetic_data_config.synthetic, synthetic_data_config.data_dir)
+    for name in ("train", "validation"):
+        split = pipeline.open_split(synthetic_data_config, name)
+        written = (epath.Path(source) / "annotations" / f"instances_{name}.json").read_bytes()
+        assert split.annotations_path.read_bytes() == written
+    recorded = split.annotations_path.read_bytes()
+    try:
+        split.annotations_path.unlink()
+        with mock.patch.object(synthetic, "write_coco") as write:
+            datasets.prepare(synthetic_data_config)
+        write.assert_not_called()
+        assert split.annotations_path.read_bytes() == recorded
+    finally:
+        split.annotations_path.write_bytes(recorded)

@@ -97,7 +97,11 @@ def test_dataset_is_prepared_in_the_bucket(gcs, trained):
     assert "coco/annotations/instances_validation.json" in coco
     tfds = gcs.object_names("tfds/coco_format/gcs_shapes/1.0.0/")
     assert {f"tfds/coco_format/gcs_shapes/1.0.0/{name}" for name in
-            ("dataset_info.json", "features.json", "image_sizes-train.npy", "image_sizes-validation.npy")} <= set(tfds)
+            ("dataset_info.json", "features.json", "image_sizes-train.npy", "image_sizes-validation.npy",
+             "annotations-train.json", "annotations-validation.json")} <= set(tfds)
+    # The evaluation ground truth: the annotation JSON, recorded with the prepared data.
+    assert (gcs.read("tfds/coco_format/gcs_shapes/1.0.0/annotations-validation.json")
+            == gcs.read("coco/annotations/instances_validation.json"))
     assert sum(".array_record-" in n for n in tfds) == 2  # one shard per split
 
 

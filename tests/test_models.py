@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 
 from atss_jax.models import layers
-from atss_jax.models.detector import build_backbone, build_detector, build_head
+from atss_jax.models.detector import build_backbone, build_detector, build_head, full_image_sizes
 from atss_jax.models.resnet import STAGE_SIZES, stage_channels
 from configs import base, demo
 from tests.cases import paper_grid
+
+
+def _sizes(image: jax.Array) -> jax.Array:
+    """[B, 2] image sizes of images that fill their canvas."""
+    return full_image_sizes(image.shape[0], image.shape[1:3])
 
 
 def _count(tree) -> int:
@@ -46,7 +51,8 @@ def _expected_r50_atss_parameters(num_classes: int = 80) -> tuple[int, int]:
 def test_atss_r50_parameter_count():
     config = base.get_config()
     model = build_detector(config.model, anchors_per_location=1)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 800, 1344, 3), jnp.uint8)))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 800, 1344, 3), jnp.uint8),
+                                                          full_image_sizes(1, (800, 1344))))
     trainable, frozen_affine = _expected_r50_atss_parameters()
     assert trainable == 32_244_250  # + 53,120 frozen BN affine = 32,297,370: the paper's "32.3M"
     assert _count(variables["params"]) == trainable
@@ -72,7 +78,7 @@ def test_every_level_matches_the_anchor_grid(canvas):
     model = build_detector(config.model, anchors_per_location=1)
     grid = paper_grid(canvas)
     image = jnp.zeros((2, *canvas, 3), jnp.uint8)
-    variables = model.init(jax.random.key(0), image)
+    variables = model.init(jax.random.key(0), image, _sizes(image))
     features = jax.eval_shape(
         lambda v: model.fpn.apply(
             v, *model.backbone.apply({"params": variables["params"]["backbone"]}, image.astype(jnp.float32))
@@ -80,7 +86,7 @@ def test_every_level_matches_the_anchor_grid(canvas):
         {"params": variables["params"]["fpn"]},
     )
     assert [tuple(f.shape[1:3]) for f in features] == list(grid.level_shapes)
-    class_logits, box_regression, centerness = model.apply(variables, image)
+    class_logits, box_regression, centerness = model.apply(variables, image, _sizes(image))
     assert class_logits.shape == (2, grid.num_anchors, config.model.num_classes)
     assert box_regression.shape == (2, grid.num_anchors, 4) and centerness.shape == (2, grid.num_anchors)
 
@@ -89,8 +95,8 @@ def test_initial_class_probability_is_the_prior():
     config = demo.get_config("tiny")
     model = build_detector(config.model, anchors_per_location=1)
     image = jnp.asarray(np.random.default_rng(0).integers(0, 255, (1, 64, 64, 3)), jnp.uint8)
-    variables = model.init(jax.random.key(0), image)
-    class_logits, _, _ = model.apply(variables, image)
+    variables = model.init(jax.random.key(0), image, _sizes(image))
+    class_logits, _, _ = model.apply(variables, image, _sizes(image))
     np.testing.assert_allclose(jax.nn.sigmoid(class_logits).mean(), 0.01, rtol=0.2)
 
 
@@ -103,14 +109,14 @@ def test_head_switches():
         config.model.head.regression = "point"
     model = build_detector(config.model, anchors_per_location=1)
     image = jnp.asarray(np.random.default_rng(1).integers(0, 255, (1, 64, 64, 3)), jnp.uint8)
-    variables = model.init(jax.random.key(0), image)
+    variables = model.init(jax.random.key(0), image, _sizes(image))
     head = variables["params"]["head"]
     assert "centerness" not in head and not any("norm" in k or "scale" in k for k in head)
-    _, box_regression, centerness = model.apply(variables, image)
+    _, box_regression, centerness = model.apply(variables, image, _sizes(image))
     assert (np.asarray(box_regression) >= 0).all() and (np.asarray(centerness) == 0).all()
     config.model.head.regression = "corners"
     with pytest.raises(ValueError, match="corners"):
-        build_detector(config.model, 1).init(jax.random.key(0), image)
+        build_detector(config.model, 1).init(jax.random.key(0), image, _sizes(image))
 
 
 def test_resnext_dcn_detector_places_deformable_convs_where_the_paper_does():
@@ -123,7 +129,7 @@ def test_resnext_dcn_detector_places_deformable_convs_where_the_paper_does():
     base.with_dcnv2(config)
     model = build_detector(config.model, anchors_per_location=1)
     image = jnp.zeros((1, 64, 96, 3), jnp.uint8)
-    variables = jax.eval_shape(model.init, jax.random.key(0), image)
+    variables = jax.eval_shape(model.init, jax.random.key(0), image, _sizes(image))
     backbone, head = variables["params"]["backbone"], variables["params"]["head"]
     deformable = sorted(name for name, block in backbone.items() if "conv_offset" in block.get("conv2", {}))
     assert deformable == sorted(name for name in backbone if name.startswith(("layer2_", "layer3_", "layer4_")))
@@ -131,11 +137,11 @@ def test_resnext_dcn_detector_places_deformable_convs_where_the_paper_does():
     assert backbone["layer1_0"]["conv2"]["kernel"].shape == (3, 3, 2, 8)
     last = config.model.head.num_convs - 1
     assert sorted(k for k, v in head.items() if "conv_offset" in v) == [f"box_conv{last}", f"cls_conv{last}"]
-    outputs = jax.eval_shape(model.apply, variables, image)
+    outputs = jax.eval_shape(model.apply, variables, image, _sizes(image))
     assert outputs[0].shape == (1, paper_grid((64, 96)).num_anchors, config.model.num_classes)
     config.model.backbone.depth = 18
     with pytest.raises(ValueError, match="bottleneck"):
-        jax.eval_shape(build_detector(config.model, 1).init, jax.random.key(0), image)
+        jax.eval_shape(build_detector(config.model, 1).init, jax.random.key(0), image, _sizes(image))
 
 
 def test_deformable_head_tower_trains_its_offsets():
@@ -160,9 +166,9 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
     config.model.dtype = "bfloat16"
     model = build_detector(config.model, anchors_per_location=1)
     image = jnp.zeros((1, 64, 64, 3), jnp.uint8)
-    variables = model.init(jax.random.key(0), image)
+    variables = model.init(jax.random.key(0), image, _sizes(image))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables["params"]))
-    assert all(o.dtype == jnp.float32 for o in model.apply(variables, image))
+    assert all(o.dtype == jnp.float32 for o in model.apply(variables, image, _sizes(image)))
 
 
 @pytest.mark.parametrize("frozen_stages", [1, 2])
@@ -173,10 +179,9 @@ def test_frozen_stages_get_no_gradient_and_are_masked(frozen_stages):
     config.model.backbone.frozen_stages = frozen_stages
     model = build_detector(config.model, anchors_per_location=1)
     image = jnp.asarray(np.random.default_rng(2).integers(0, 255, (1, 64, 64, 3)), jnp.uint8)
-    variables = model.init(jax.random.key(0), image)
-    grads = jax.grad(lambda p: sum(jnp.sum(o**2) for o in model.apply({**variables, "params": p}, image)))(
-        variables["params"]
-    )
+    variables = model.init(jax.random.key(0), image, _sizes(image))
+    grads = jax.grad(lambda p: sum(jnp.sum(o**2) for o in model.apply({**variables, "params": p}, image,
+                                                                      _sizes(image))))(variables["params"])
     mask = frozen_parameter_mask(variables["params"], frozen_stages)
     for (path, grad), frozen in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(mask)):
         names = "/".join(str(getattr(p, "key", p)) for p in path)

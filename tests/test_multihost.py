@@ -9,6 +9,7 @@ come from its metadata server). Evaluation passes the coordinator explicitly ins
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,11 +56,11 @@ def _run_two_hosts(workdir, data_dir, *flags, detected=True):
 
 
 @pytest.fixture(scope="module")
-def runs(synthetic_data_config, tmp_path_factory):
-    data_dir = synthetic_data_config.data_dir
-    single = str(tmp_path_factory.mktemp("one_host"))
-    result = _run_training(single, data_dir, 8)
-    assert result.returncode == 0, result.stderr[-3000:]
+def runs(tiny_trainings, tmp_path_factory):
+    """The shared 1-process x 8-device training (copied: evaluation writes into it) and the 2-host one."""
+    data_dir, trainings = tiny_trainings
+    single = str(tmp_path_factory.mktemp("one_host") / "workdir")
+    shutil.copytree(trainings[8], single)
     multi = str(tmp_path_factory.mktemp("two_hosts"))
     _run_two_hosts(multi, data_dir)
     return data_dir, single, multi

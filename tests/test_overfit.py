@@ -80,9 +80,10 @@ def test_tiny_detector_overfits_one_image(regression):
     image = jnp.asarray(_image())[None]
     gt_boxes, gt_labels = jnp.asarray(BOXES)[None], jnp.asarray(LABELS)[None]
     gt_valid = jnp.ones((1, 3), bool)
-    anchor_valid = anchor_valid_mask(grid.centers, jnp.asarray([CANVAS]))
+    image_size = jnp.asarray([CANVAS], jnp.int32)  # the image fills the canvas
+    anchor_valid = anchor_valid_mask(grid.centers, image_size)
     anchors, strides = jnp.asarray(grid.boxes), jnp.asarray(grid.anchor_strides)
-    variables = model.init(jax.random.key(0), image)
+    variables = model.init(jax.random.key(0), image, image_size)
     optimizer = optax.adam(optax.cosine_decay_schedule(3e-3, 300))
     opt_state = optimizer.init(variables["params"])
 
@@ -91,7 +92,7 @@ def test_tiny_detector_overfits_one_image(regression):
         assignment = assign(anchor_valid, gt_boxes, gt_valid)
 
         def loss_fn(params):
-            outputs = model.apply({**variables, "params": params}, image, train=True)
+            outputs = model.apply({**variables, "params": params}, image, image_size, train=True)
             return losses.detection_losses(
                 *outputs,
                 anchors=anchors,
@@ -118,7 +119,7 @@ def test_tiny_detector_overfits_one_image(regression):
     # loss here); halving it only shows the fit ran. The strict check is the AP of 1.0 below.
     assert np.isfinite(float(loss)) and float(loss) < 0.5 * first_loss
 
-    class_logits, box_regression, centerness = jax.jit(model.apply)({**variables, "params": params}, image)
+    class_logits, box_regression, centerness = jax.jit(model.apply)({**variables, "params": params}, image, image_size)
     decoded = box_lib.decode_regression(regression, anchors, strides, box_regression)
     detections = jax.vmap(
         lambda p, c, b, v: postprocess.select_detections(

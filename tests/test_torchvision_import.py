@@ -1,5 +1,7 @@
 """Converted torchvision ResNet weights give the same C3-C5 as torch (reference ResNet defined here)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -116,8 +118,9 @@ def test_converted_backbone_matches_torch(depth, groups, width_per_group, tmp_pa
 
 
 def test_plain_weights_load_into_deformable_stages(tmp_path):
-    """DCNv2 stages take the plain network's 3x3 kernels; their offset predictors stay zero, so the converted
-    backbone computes the torch network with those 3x3 outputs halved (sigmoid(0) masks)."""
+    """DCNv2 stages take the plain network's 3x3 kernels and keep their offset predictors as initialised; with
+    those predictors zeroed the converted backbone computes the torch network with the 3x3 outputs halved
+    (sigmoid(0) masks)."""
     torch_model = _torch_model(50, 32, 4)
     with torch.no_grad():
         for stage in (2, 3, 4):
@@ -130,9 +133,14 @@ def test_plain_weights_load_into_deformable_stages(tmp_path):
              for k, v in torch_model.state_dict().items()}
     model = _backbone(depth=50, norm="frozen_bn", groups=32, width_per_group=4, deformable_stages=(2, 3, 4))
     nhwc = jnp.asarray(image.transpose(0, 2, 3, 1))
-    variables = convert_resnet(state, _variables(model, nhwc), "frozen_bn")
+    initial = _variables(model, nhwc)
+    variables = convert_resnet(state, initial, "frozen_bn")
     offset_kernel = variables["params"]["layer3_0"]["conv2"]["conv_offset"]["kernel"]
-    assert offset_kernel.shape == (3, 3, 512, 27) and not np.any(offset_kernel)
+    assert offset_kernel.shape == (3, 3, 512, 27)
+    np.testing.assert_array_equal(offset_kernel, initial["params"]["layer3_0"]["conv2"]["conv_offset"]["kernel"])
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: np.zeros_like(leaf) if any(getattr(k, "key", None) == "conv_offset" for k in path) else leaf,
+        variables)
     for got, want in zip(model.apply(variables, nhwc), expected):
         relative = np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want)
         assert relative < 1e-4
@@ -193,3 +201,24 @@ def test_detector_init_loads_the_configured_backbone(tmp_path):
     )
     np.testing.assert_array_equal(variables["frozen"]["backbone"]["bn1"]["mean"], torch_model.bn1.running_mean.numpy())
     assert "fpn" in variables["params"] and "head" in variables["params"]
+
+
+def test_files_that_would_run_code_are_refused(tmp_path):
+    """.pth files load with weights_only=True and .npz files without pickles: neither runs the file's code."""
+    marker = tmp_path / "marker"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    pth = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": RunsCode()}, pth)
+    with pytest.raises(ValueError, match=rf"(?s)evil\.pth.*weights_only=True.*{os.mkdir.__module__}\.mkdir"):
+        load_state_dict(str(pth))
+    npz = tmp_path / "evil.npz"
+    np.savez(npz, conv1=np.array([RunsCode()], dtype=object))
+    with pytest.raises(ValueError, match=r"evil\.npz.*allow_pickle=False"):
+        load_state_dict(str(npz))
+    assert not marker.exists()
+    torch.load(pth, weights_only=False)  # the payload is real: a trusting reader runs it
+    assert marker.is_dir()

@@ -53,19 +53,6 @@ def _scalars(workdir, tag):
     return values
 
 
-@pytest.fixture(scope="module")
-def trained(synthetic_data_config, tmp_path_factory):
-    """The tiny config trained for 3 steps on 1 device and on 8 simulated devices (same global batch)."""
-    data_dir = synthetic_data_config.data_dir
-    workdirs = {}
-    for devices in (1, 8):
-        workdir = str(tmp_path_factory.mktemp(f"train_{devices}"))
-        result = _run_training(workdir, data_dir, devices)
-        assert result.returncode == 0, result.stderr[-3000:]
-        workdirs[devices] = workdir
-    return data_dir, workdirs
-
-
 # What two runs of the same training on differently split devices may differ by, and what they may not.
 #
 # Exact by construction: everything computed from the data alone. The assignment statistics are sums
@@ -109,8 +96,8 @@ def assert_same_training(workdirs, config):
             assert np.linalg.norm(got - expected) <= FIRST_UPDATE_RTOL * scale, jax.tree_util.keystr(path)
 
 
-def test_one_and_eight_devices_agree(trained):
-    data_dir, workdirs = trained
+def test_one_and_eight_devices_agree(tiny_trainings):
+    data_dir, workdirs = tiny_trainings
     config = _config(data_dir)
     assert_same_training([workdirs[1], workdirs[8]], config)
     assert int(_final_state(config, workdirs[1]).step) == int(_final_state(config, workdirs[8]).step) == 3
@@ -120,8 +107,8 @@ def _initial_params(config):
     return jax.device_get(train_step.create_training(config).state.params)
 
 
-def test_evaluation_writes_the_twelve_coco_numbers(trained):
-    _, workdirs = trained
+def test_evaluation_writes_the_twelve_coco_numbers(tiny_trainings):
+    _, workdirs = tiny_trainings
     with open(os.path.join(workdirs[1], "metrics.json")) as f:
         summary = json.load(f)
     assert summary["step"] == 3
@@ -130,8 +117,8 @@ def test_evaluation_writes_the_twelve_coco_numbers(trained):
     assert os.path.exists(os.path.join(workdirs[1], "eval", "step_3", "detections_0.png"))
 
 
-def test_resume_after_preemption_equals_an_uninterrupted_run(trained, tmp_path, monkeypatch):
-    data_dir, workdirs = trained
+def test_resume_after_preemption_equals_an_uninterrupted_run(tiny_trainings, tmp_path, monkeypatch):
+    data_dir, workdirs = tiny_trainings
     config = _config(data_dir)
     monkeypatch.setattr(checkpoint.TrainCheckpoints, "should_stop", lambda self, step: step == 2)
     assert train.train_and_evaluate(config, str(tmp_path)) is None  # stopped after saving step 2
@@ -143,8 +130,8 @@ def test_resume_after_preemption_equals_an_uninterrupted_run(trained, tmp_path, 
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_variables_only_restore_equals_the_train_state_and_names_missing_steps(trained, tmp_path):
-    data_dir, workdirs = trained
+def test_variables_only_restore_equals_the_train_state_and_names_missing_steps(tiny_trainings, tmp_path):
+    data_dir, workdirs = tiny_trainings
     config = _config(data_dir)
     model = build_detector(config.model, anchors_per_location(config.anchors))
     abstract = abstract_variables(model, tuple(config.data.canvas))
@@ -172,10 +159,10 @@ def test_sigterm_requests_a_stop(tmp_path):
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_export_detector_predicts_what_evaluation_detected(trained, tmp_path):
+def test_export_detector_predicts_what_evaluation_detected(tiny_trainings, tmp_path):
     from scripts import export
 
-    data_dir, workdirs = trained
+    data_dir, workdirs = tiny_trainings
     config = _config(data_dir)
     config.eval.score_threshold = 0.0  # an untrained model: keep its low-score detections to compare
     evaluator.evaluate_checkpoint(config, workdirs[1])

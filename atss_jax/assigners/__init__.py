@@ -59,6 +59,8 @@ def build_assigner(config: ml_collections.ConfigDict, grid: AnchorGrid) -> Assig
             pos_iou_thr=config.pos_iou_thr,
             neg_iou_thr=config.neg_iou_thr,
             low_quality_matches=config.low_quality_matches,
+            in_gt_box=config.in_gt_box,
+            center_eps=config.center_eps,
         )
     elif config.name in ("fcos", "fcos_center_sampling"):
         assign = functools.partial(

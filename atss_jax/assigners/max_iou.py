@@ -1,4 +1,4 @@
-"""RetinaNet's max-IoU assignment, the paper's anchor-based baseline."""
+"""RetinaNet's max-IoU assignment, the paper's anchor-based baseline (official ``POSITIVE_TYPE: 'IoU'``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def max_iou_assign(
     pos_iou_thr: float,
     neg_iou_thr: float,
     low_quality_matches: bool,
+    in_gt_box: bool,
+    center_eps: float,
 ) -> AssignResult:
     """Max-IoU assignment for one image; batch it with ``jax.vmap``.
 
@@ -27,6 +29,10 @@ def max_iou_assign(
     included) is positive too, matched to its own highest-IoU box (Detectron2's rule), so each box
     that overlaps any valid anchor has at least one positive.
 
+    ``in_gt_box`` is the paper's "In GT Box" (Table 1): a positive, low-quality matches included, whose
+    anchor centre is not inside its box by more than ``center_eps`` on every side is ignored (not
+    negative), as the official code's ``POSITIVE_TYPE: 'IoU'`` does (it sets such labels to -1).
+
     Args:
       anchors: ``[A, 4]`` float32 xyxy pixels.
       anchor_valid: ``[A]`` bool; invalid anchors are always negative.
@@ -34,6 +40,8 @@ def max_iou_assign(
       gt_valid: ``[G]`` bool.
       pos_iou_thr, neg_iou_thr: IoU thresholds, ``neg_iou_thr <= pos_iou_thr``.
       low_quality_matches: keep each box's best anchors as positives.
+      in_gt_box: ignore positives whose anchor centre lies outside their box.
+      center_eps: how far inside (pixels) a centre must be, strictly (the official 0.01).
 
     Returns:
       ``AssignResult``; ``iou_threshold`` is ``pos_iou_thr`` for every real box.
@@ -50,6 +58,11 @@ def max_iou_assign(
         box_best = jnp.max(iou, axis=1, keepdims=True)
         reaches_box_best = (iou == box_best) & (box_best > 0.0) & pair_valid
         gt_index = jnp.where(jnp.any(reaches_box_best, axis=0), best_box, gt_index)
+    if in_gt_box and num_boxes:
+        centers = box_lib.box_centers(anchors)  # [A, 2]
+        matched = gt_boxes[jnp.maximum(gt_index, 0)]  # [A, 4]
+        margin = jnp.min(jnp.concatenate([centers - matched[:, :2], matched[:, 2:] - centers], axis=-1), axis=-1)
+        gt_index = jnp.where((gt_index >= 0) & (margin <= center_eps), IGNORED, gt_index)
     gt_index = jnp.where(anchor_valid, gt_index, NEGATIVE).astype(jnp.int32)
     return AssignResult(
         gt_index=gt_index,

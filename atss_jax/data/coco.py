@@ -11,17 +11,22 @@ the synthetic demo) has the features of TFDS's `coco/2017`:
     objects/is_crowd, objects/area, objects/id
 
 TFDS keeps only the label index, not COCO's category id; `category_ids` gives the map back that
-evaluation needs (results files and the official annotations use category ids).
+evaluation needs (results files and the official annotations use category ids). TFDS also keeps `area` as
+an integer and boxes as fractions of the image (clipped to it), so preparing records each split's original
+annotation JSON beside the prepared data (`record_annotations`): evaluation scores against it, as
+pycocotools does on that file.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 from atss_jax.data import transforms
@@ -73,25 +78,71 @@ def is_local(path: str | epath.PathLike | None) -> bool:
     return path is None or "://" not in str(path)
 
 
-def prepare_builder(make_builder: Callable[[str | None], tfds.core.DatasetBuilder],
-                    data_dir: str | None) -> tfds.core.DatasetBuilder:
-    """``make_builder(data_dir)``, prepared as ArrayRecord if it is not yet.
+# What each split's original annotation JSON is recorded as, in the prepared dataset's version folder.
+ANNOTATIONS_FILE = "annotations-{split}.json"
+
+# Split -> annotation JSON of a prepared builder (`prepare_builder`'s `annotation_files`).
+AnnotationFiles = Callable[[tfds.core.DatasetBuilder], Mapping[str, str | epath.PathLike]]
+
+
+def prepare_builder(make_builder: Callable[[str | None], tfds.core.DatasetBuilder], data_dir: str | None,
+                    annotation_files: AnnotationFiles) -> tfds.core.DatasetBuilder:
+    """``make_builder(data_dir)``, prepared as ArrayRecord if it is not yet, with the annotation JSONs
+    ``annotation_files(builder)`` of its splits recorded (`record_annotations`) where they are not yet.
 
     ArrayRecord's writer opens local files only (its reader also reads gs://), so a dataset for a bucket is
     prepared in a local temporary folder and copied over, the two files that make TFDS count it as
     prepared last. The local disk needs room for the prepared dataset (and, for COCO, the downloads).
     """
     builder = make_builder(data_dir)
-    if builder.is_prepared():
-        return builder
-    if is_local(data_dir):
-        builder.download_and_prepare(file_format=FILE_FORMAT)
+    if builder.is_prepared() or is_local(data_dir):
+        if not builder.is_prepared():
+            builder.download_and_prepare(file_format=FILE_FORMAT)
+        record_annotations(epath.Path(builder.data_path), annotation_files(builder))
         return builder
     with tempfile.TemporaryDirectory(prefix="atss_prepare_") as local:
         local_builder = make_builder(local)
         local_builder.download_and_prepare(file_format=FILE_FORMAT)
+        # Recorded before the copy, while the local downloads exist; copied with the data.
+        record_annotations(epath.Path(local_builder.data_path), annotation_files(local_builder))
         _copy_prepared(epath.Path(local_builder.data_path), epath.Path(builder.data_path))
     return make_builder(data_dir)
+
+
+def record_annotations(data_path: epath.Path, files: Mapping[str, str | epath.PathLike]) -> None:
+    """Copies each split's annotation JSON (split -> file, may be a bucket) into the version folder
+    ``data_path`` of a prepared dataset as `ANNOTATIONS_FILE`, unless one is recorded there already."""
+    for split, source in files.items():
+        target = data_path / ANNOTATIONS_FILE.format(split=split)
+        if target.exists():
+            continue
+        logging.info("Recording the annotations of split %r (%s) as %s.", split, source, target)
+        # Copied under a unique name, then renamed: a reader never sees a partial file.
+        partial = data_path / f".{target.name}.{uuid.uuid4().hex}"
+        with epath.Path(source).open("rb") as reader, partial.open("wb") as writer:
+            shutil.copyfileobj(reader, writer, 64 << 20)
+        partial.rename(target)
+
+
+def tfds_coco_annotation_files(builder: tfds.core.DatasetBuilder) -> dict[str, epath.Path]:
+    """The validation annotation JSON of a TFDS `coco/<year>` builder, found in its extracted downloads
+    (TFDS's default download folder, `<data dir>/downloads`), or {} when they are not there.
+
+    Only the validation split's: evaluation reads nothing else, and the training JSON is 450 MB.
+    """
+    validation = [s for s in getattr(builder.builder_config, "splits", ()) if s.name == tfds.Split.VALIDATION]
+    recorded = epath.Path(builder.data_path) / ANNOTATIONS_FILE.format(split=tfds.Split.VALIDATION)
+    if not validation or recorded.exists():
+        return {}
+    extracted = epath.Path(builder.data_dir_root) / "downloads" / "extracted"
+    name = f"instances_{validation[0].images}.json"
+    found = sorted(extracted.glob(f"*/annotations/{name}")) if extracted.exists() else []
+    if len(found) != 1:
+        logging.warning("Found %d copies of %s in %s, not one: the annotations are not recorded, so evaluation "
+                        "builds the ground truth from the split (coco_eval.ground_truth) unless "
+                        "config.eval.annotations_file names the official %s.", len(found), name, extracted, name)
+        return {}
+    return {str(tfds.Split.VALIDATION): found[0]}
 
 
 # A version folder with both is a prepared dataset to TFDS (file_utils.is_valid_variant_dir).

@@ -177,7 +177,7 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
 
 def prepare(name: str, annotations: Mapping[str, str], images: Mapping[str, str], data_dir: str | None) -> CocoFormat:
     """Prepares (once) the COCO-format dataset `name` under `data_dir` (may be a bucket) in the pipeline's
-    file format."""
+    file format, each split's annotation JSON recorded beside it for evaluation (`coco.record_annotations`)."""
     config = CocoFormatConfig(name=name, annotations=annotations, images=images)
     return prepare_builder(lambda directory: CocoFormat(config=config, data_dir=directory, file_format=FILE_FORMAT),
-                           data_dir)
+                           data_dir, lambda builder: config.annotations)

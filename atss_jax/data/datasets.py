@@ -24,7 +24,8 @@ def builder_name(data_config: ml_collections.ConfigDict) -> str:
 
 def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """Prepares the configured dataset if needed (downloading COCO through TFDS), records its image sizes
-    if they are not yet (`splits.record_image_sizes`), then opens it."""
+    (`splits.record_image_sizes`) and the annotation JSON of its splits (`coco.record_annotations`; of TFDS's
+    COCO the validation JSON, found in its downloads) if they are not yet, then opens it."""
     data_dir = data_config.data_dir or None
     if data_config.name == COCO_FORMAT:
         coco_format.prepare(data_config.coco_format.name, dict(data_config.coco_format.annotations),
@@ -32,7 +33,8 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     elif data_config.name == SYNTHETIC:
         synthetic.prepare(data_config.synthetic, data_dir)
     else:
-        coco.prepare_builder(lambda directory: tfds.builder(data_config.name, data_dir=directory), data_dir)
+        coco.prepare_builder(lambda directory: tfds.builder(data_config.name, data_dir=directory), data_dir,
+                             coco.tfds_coco_annotation_files)
     builder = coco.open_builder(builder_name(data_config), data_dir)
     splits.record_image_sizes(builder)
     return builder

@@ -1,4 +1,5 @@
-"""One split of a prepared dataset: random access to its examples, and the image sizes recorded at prepare time.
+"""One split of a prepared dataset: random access to its examples, and the image sizes (and annotation JSON,
+`coco.record_annotations`) recorded at prepare time.
 
 The pipeline needs every image's size before reading any pixels (aspect-ratio buckets, the evaluation
 ground truth). Reading the whole split's headers takes minutes on COCO, so it is done once, when the
@@ -49,6 +50,11 @@ class Split:
     @property
     def image_sizes_path(self) -> epath.Path:
         return epath.Path(self.builder.data_path) / f"image_sizes-{self.name}.npy"
+
+    @property
+    def annotations_path(self) -> epath.Path:
+        """The split's original annotation JSON, recorded at prepare time (`coco.record_annotations`) if known."""
+        return epath.Path(self.builder.data_path) / coco.ANNOTATIONS_FILE.format(split=self.name)
 
     def read(self, index: tf.Tensor) -> dict[str, tf.Tensor]:
         """Example `index` (a scalar tensor), image still encoded."""

@@ -18,7 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from atss_jax.data import coco_format
+from atss_jax.data import coco, coco_format
 
 CLASSES = ("rectangle", "ellipse", "triangle", "cross")
 _SPLIT_SALT = {"train": 0, "validation": 1}
@@ -111,14 +111,19 @@ def _overlap(x, y, w, h, ox, oy, ow, oh) -> float:
     return iw * ih / min(w * h, ow * oh)
 
 
+def _source_paths(directory: epath.Path) -> dict[str, tuple[str, str]]:
+    """split -> (annotation JSON, image folder) of the COCO-format files in ``directory``."""
+    return {split: (str(directory / "annotations" / f"instances_{split}.json"), str(directory / "images" / split))
+            for split in _SPLIT_SALT}
+
+
 def write_coco(directory: str | epath.PathLike, config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
     """Writes images/<split>/*.jpg and annotations/instances_<split>.json (``directory`` may be a bucket);
     returns split -> (json, folder)."""
-    directory = epath.Path(directory)
-    paths = {}
+    paths = _source_paths(epath.Path(directory))
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
     for split, count in (("train", config.num_train), ("validation", config.num_validation)):
-        image_dir = directory / "images" / split
+        annotation_path, image_dir = (epath.Path(p) for p in paths[split])
         image_dir.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for index in range(count):
@@ -131,11 +136,9 @@ def write_coco(directory: str | epath.PathLike, config: ml_collections.ConfigDic
             for label, bbox, area in objects:
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
                                     "bbox": bbox, "area": area, "iscrowd": 0})
-        annotation_path = directory / "annotations" / f"instances_{split}.json"
         annotation_path.parent.mkdir(parents=True, exist_ok=True)
         annotation_path.write_text(json.dumps({"images": images, "annotations": annotations,
                                                "categories": categories}))
-        paths[split] = (str(annotation_path), str(image_dir))
     return paths
 
 
@@ -146,17 +149,23 @@ def source_dir(config: ml_collections.ConfigDict, data_dir: str | None) -> str:
 
 
 def prepare(config: ml_collections.ConfigDict, data_dir: str | None) -> None:
-    """Generates and prepares the synthetic dataset once; later calls return at once."""
+    """Generates and prepares the synthetic dataset once; later calls only record the annotation JSONs
+    (`coco.record_annotations`) of a dataset prepared without them, from its generated files."""
     name = dataset_name(config)
-    if _is_prepared(name, data_dir):
+    builder = _prepared_builder(name, data_dir)
+    if builder is None:
+        paths = write_coco(source_dir(config, data_dir), config)
+        coco_format.prepare(name, {split: p[0] for split, p in paths.items()},
+                            {split: p[1] for split, p in paths.items()}, data_dir)
         return
-    paths = write_coco(source_dir(config, data_dir), config)
-    coco_format.prepare(name, {split: p[0] for split, p in paths.items()},
-                        {split: p[1] for split, p in paths.items()}, data_dir)
+    sources = _source_paths(epath.Path(source_dir(config, data_dir)))
+    coco.record_annotations(epath.Path(builder.data_path), {split: annotations for split, (annotations, _) in
+                                                            sources.items() if epath.Path(annotations).exists()})
 
 
-def _is_prepared(name: str, data_dir: str | None) -> bool:
+def _prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder | None:
     try:
-        return tfds.builder(f"coco_format/{name}", data_dir=data_dir).is_prepared()
+        builder = tfds.builder(f"coco_format/{name}", data_dir=data_dir)
     except Exception:
-        return False
+        return None
+    return builder if builder.is_prepared() else None

@@ -6,9 +6,12 @@ Each of the K = kh * kw kernel taps of output pixel (y, x) reads the input at it
 learned mask in [0, 1]. The sampled taps ("columns") then meet the kernel in one matmul (a grouped
 1x1 convolution for grouped kernels).
 
-Offsets and masks are predicted from the same input by a plain convolution (``conv_offset``) that
-starts at zero: a fresh layer is the plain convolution scaled by 0.5, and pretrained plain-conv
-weights load into its ``kernel`` unchanged. Its 3K output channels follow mmcv and maskrcnn-benchmark:
+Offsets and masks are predicted from the same input by a plain convolution (``conv_offset``), zero
+by default (mmcv's ``ModulatedDeformConv2dPack``: a fresh layer is the plain convolution scaled by
+0.5). The official ATSS code (maskrcnn-benchmark's ``DFConv2d``) starts it elsewhere, differently per
+site: ``DFCONV2D_OFFSET_KERNEL_INIT`` in the backbone, the head's N(0, 0.01) in the head (see
+``resnet.py`` and ``head.py``). Pretrained plain-conv weights load into ``kernel`` unchanged. Its 3K
+output channels follow mmcv and maskrcnn-benchmark:
 ``[dy_0, dx_0, dy_1, dx_1, ..., dy_{K-1}, dx_{K-1}, mask_0, ..., mask_{K-1}]`` (masks before the
 sigmoid), taps in row-major order, so their DCNv2 weights convert by transposing kernels only.
 
@@ -22,6 +25,14 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# maskrcnn-benchmark's DFConv2d (atss_core/layers/misc.py) initialises its offset/mask convolution with
+# ``kaiming_uniform_(a=1)``: U(-b, b), b = sqrt(3 / fan_in), fan_in = C_in * kh * kw (that conv is never
+# grouped); its bias is zero.
+DFCONV2D_OFFSET_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+# ... and its ModulatedDeformConv kernel with U(-b, b), b = 1 / sqrt(C_in * kh * kw) (``reset_parameters``),
+# bias zero. (For an ungrouped kernel; the official formula uses all C_in channels even when grouped.)
+DFCONV2D_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def bilinear_sample(features: jax.Array, y: jax.Array, x: jax.Array) -> jax.Array:
@@ -106,7 +117,8 @@ def modulated_deform_conv(
 
 class ModulatedDeformConv(nn.Module):
     """A drop-in for a square ``nn.Conv`` with symmetric padding: same ``kernel`` (and ``bias``) parameters,
-    plus ``conv_offset`` (3K channels, zero-initialised) predicting the offsets and masks."""
+    plus ``conv_offset`` (3K channels) predicting the offsets and masks, initialised by
+    ``offset_kernel_init`` and ``offset_bias_init`` (zero by default)."""
 
     features: int
     kernel_size: int = 3
@@ -116,6 +128,8 @@ class ModulatedDeformConv(nn.Module):
     use_bias: bool = True
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
+    offset_kernel_init: Callable = nn.initializers.zeros
+    offset_bias_init: Callable = nn.initializers.zeros
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -127,8 +141,8 @@ class ModulatedDeformConv(nn.Module):
                                                          self.features))
         offset_and_mask = nn.Conv(
             3 * taps, (size, size), (self.stride, self.stride), padding=((padding, padding), (padding, padding)),
-            kernel_dilation=(self.dilation, self.dilation), kernel_init=nn.initializers.zeros, dtype=self.dtype,
-            name="conv_offset")(inputs)
+            kernel_dilation=(self.dilation, self.dilation), kernel_init=self.offset_kernel_init,
+            bias_init=self.offset_bias_init, dtype=self.dtype, name="conv_offset")(inputs)
         batch, out_h, out_w, _ = offset_and_mask.shape
         offsets = offset_and_mask[..., : 2 * taps].reshape(batch, out_h, out_w, taps, 2)
         mask = jax.nn.sigmoid(offset_and_mask[..., 2 * taps :].astype(jnp.float32))

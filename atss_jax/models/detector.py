@@ -15,25 +15,56 @@ from atss_jax.models.head import ATSSHead
 from atss_jax.models.resnet import ResNet
 from atss_jax.models.torchvision_import import load_pretrained_backbone
 
-# torchvision's ImageNet statistics, RGB, 0-255 scale.
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+INPUT_CHANNELS = ("rgb", "bgr")
 
 
 class ATSSDetector(nn.Module):
-    """``image [B, H, W, 3] uint8 -> (class_logits [B, A, C], box_regression [B, A, 4],
-    centerness_logits [B, A])``, anchors in ``anchors.AnchorGrid`` order for the same canvas."""
+    """``(image [B, H, W, 3] uint8 RGB, image_size [B, 2] int) -> (class_logits [B, A, C],
+    box_regression [B, A, 4], centerness_logits [B, A])``, anchors in ``anchors.AnchorGrid`` order for
+    the same canvas. ``image_size`` is the (height, width) of the resized image inside the canvas.
+
+    Attributes:
+      input_channels: channel order the backbone takes ("rgb" or "bgr", the order its weights were
+        trained with).
+      pixel_mean, pixel_std: per channel, in ``input_channels`` order, 0-255 scale.
+    """
 
     backbone: ResNet
     fpn: FPN
     head: ATSSHead
+    input_channels: str
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
 
     @nn.compact
-    def __call__(self, image: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, image: jax.Array, image_size: jax.Array,
+                 train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
         # Normalising here lets the host ship uint8, a quarter of float32's bytes.
-        x = (image.astype(jnp.float32) - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+        x = normalise(image, image_size, self.input_channels, self.pixel_mean, self.pixel_std)
         c3, c4, c5 = self.backbone(x, train=train)
         return self.head(self.fpn(c3, c4, c5))
+
+
+def normalise(image: jax.Array, image_size: jax.Array, input_channels: str, pixel_mean: tuple[float, ...],
+              pixel_std: tuple[float, ...]) -> jax.Array:
+    """``image [B, H, W, 3] uint8 RGB`` -> ``[B, H, W, 3] float32``: channels in ``input_channels`` order,
+    ``(x - pixel_mean) / pixel_std``, and zero outside each image's ``image_size [B, 2]`` (height, width).
+
+    The host pads with black before normalising; the official code (maskrcnn-benchmark's
+    ``to_image_list``) and mmdetection pad the normalised image with zeros, so the padding is reset here.
+    """
+    x = image.astype(jnp.float32)
+    if input_channels == "bgr":
+        x = x[..., ::-1]
+    x = (x - jnp.asarray(pixel_mean, jnp.float32)) / jnp.asarray(pixel_std, jnp.float32)
+    rows = jnp.arange(image.shape[1])[None, :, None] < image_size[:, 0, None, None]
+    columns = jnp.arange(image.shape[2])[None, None, :] < image_size[:, 1, None, None]
+    return jnp.where((rows & columns)[..., None], x, 0.0)
+
+
+def full_image_sizes(batch: int, canvas: tuple[int, int]) -> jax.Array:
+    """``[batch, 2] int32``: every image fills the ``canvas`` (for initialisation and shape checks)."""
+    return jnp.tile(jnp.asarray([canvas], jnp.int32), (batch, 1))
 
 
 def build_backbone(backbone_config: ml_collections.ConfigDict, dtype: jnp.dtype,
@@ -45,6 +76,7 @@ def build_backbone(backbone_config: ml_collections.ConfigDict, dtype: jnp.dtype,
         width=backbone_config.width,
         groups=backbone_config.groups,
         width_per_group=backbone_config.width_per_group,
+        stride_in_1x1=backbone_config.stride_in_1x1,
         deformable_stages=tuple(backbone_config.deformable_stages),
         conv=functools.partial(layers.conv, dtype=dtype),
         norm=layers.make_norm(backbone_config.norm, dtype, axis_name),
@@ -76,12 +108,29 @@ def build_head(head_config: ml_collections.ConfigDict, num_classes: int, anchors
 
 def build_detector(config: ml_collections.ConfigDict, anchors_per_location: int,
                    axis_name: str | None = None) -> ATSSDetector:
-    """The detector of ``config.model`` (see ``configs/base.py``); trainable BN syncs over ``axis_name``."""
+    """The detector of ``config.model`` (see ``configs/base.py``); trainable BN syncs over ``axis_name``.
+
+    Raises:
+      ValueError: ``input_channels`` is not one of ``INPUT_CHANNELS``, or ``pixel_mean``/``pixel_std`` do not
+        hold three numbers (``pixel_std`` positive).
+    """
+    if config.input_channels not in INPUT_CHANNELS:
+        raise ValueError(f"config.model.input_channels={config.input_channels!r} is not one of {INPUT_CHANNELS}.")
+    for name in ("pixel_mean", "pixel_std"):
+        value = config[name]
+        if len(value) != 3:
+            raise ValueError(f"config.model.{name}={tuple(value)} must hold one number per channel (3), in "
+                             f"config.model.input_channels={config.input_channels!r} order.")
+    if min(config.pixel_std) <= 0:
+        raise ValueError(f"config.model.pixel_std={tuple(config.pixel_std)} must be positive.")
     dtype = jnp.dtype(config.dtype)
     return ATSSDetector(
         backbone=build_backbone(config.backbone, dtype, axis_name),
         fpn=build_fpn(config.fpn_features, dtype),
         head=build_head(config.head, config.num_classes, anchors_per_location, dtype),
+        input_channels=config.input_channels,
+        pixel_mean=tuple(float(v) for v in config.pixel_mean),
+        pixel_std=tuple(float(v) for v in config.pixel_std),
     )
 
 
@@ -89,7 +138,7 @@ def init_detector(
     model: ATSSDetector, config: ml_collections.ConfigDict, rng: jax.Array, canvas: tuple[int, int]
 ) -> dict:
     """Initial variables; the backbone from ``config.backbone.pretrained`` (.npz or .pth) when set."""
-    variables = jax.jit(model.init)(rng, jnp.zeros((1, *canvas, 3), jnp.uint8))
+    variables = jax.jit(model.init)(rng, jnp.zeros((1, *canvas, 3), jnp.uint8), full_image_sizes(1, canvas))
     if config.backbone.pretrained:
         variables = load_pretrained_backbone(variables, config.backbone.pretrained, config.backbone.norm)
     return variables
@@ -99,7 +148,8 @@ def abstract_variables(model: ATSSDetector, canvas: tuple[int, int],
                        sharding: jax.sharding.Sharding | None = None) -> dict:
     """The model's variables as ``jax.ShapeDtypeStruct`` leaves (placed with ``sharding``): what a restore
     fills, computed without initialising anything or loading pretrained weights."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *canvas, 3), jnp.uint8))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *canvas, 3), jnp.uint8),
+                            full_image_sizes(1, canvas))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 

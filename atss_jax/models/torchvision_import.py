@@ -6,7 +6,11 @@ torchvision names ``conv1``, ``bn1``, ``layer{s}.{i}.conv{j}``, ``layer{s}.{i}.b
 (``scripts/convert_torchvision.py``) needs no torch at run time. ResNeXt's grouped kernels
 (``[O, I / groups, 3, 3]``) become flax's grouped HWIO kernels by the same transpose. A backbone with
 DCNv2 stages takes the plain network's weights: the 3x3 kernels load into the deformable layers and
-their offset predictors keep their zero initialisation (the official DCN models start this way).
+their offset predictors keep their initialisation (the official DCN models start this way).
+
+Nothing in a file runs: ``.pth`` files load with torch's ``weights_only=True`` (tensors and plain
+containers only), ``.npz`` files without pickled objects, Detectron's ``.pkl`` through
+``atss_jax.safe_pickle``. ``fill_backbone`` is the part shared with ``caffe2_import``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import io
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,10 +35,13 @@ def load_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     path = str(path)
     if not file.exists():
         raise FileNotFoundError(f"pretrained backbone file {path!r} does not exist")
+    if path.endswith(".pkl"):
+        raise ValueError(f"{path!r} is a Detectron Caffe2 pickle, not a torchvision state_dict: it needs no "
+                         "conversion, set it as config.model.backbone.pretrained")
     data = io.BytesIO(file.read_bytes())
     if path.endswith(".npz"):
         try:
-            with np.load(data) as archive:
+            with np.load(data, allow_pickle=False) as archive:  # object arrays would unpickle code
                 return {key: archive[key] for key in archive.files}
         except (OSError, ValueError, zipfile.BadZipFile) as error:
             raise ValueError(f"{path!r} is not a readable .npz state_dict: {error}") from error
@@ -47,7 +54,8 @@ def load_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     try:
         state = torch.load(data, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a truncated or foreign file
-        raise ValueError(f"{path!r} is not a readable torch state_dict: {error}") from error
+        raise ValueError(f"{path!r} is not a readable torch state_dict (read with weights_only=True: tensors and "
+                         f"plain containers only, no code from the file): {error}") from error
     state = state.get("state_dict", state)
     return {key: value.detach().cpu().numpy() for key, value in state.items() if hasattr(value, "numpy")}
 
@@ -82,35 +90,68 @@ def convert_resnet(
       ValueError: naming every missing, unexpected or mis-shaped array (e.g. a ResNet-101 file for a
         ResNet-50 config).
     """
-    if norm not in ("frozen_bn", "bn"):
-        raise ValueError(f"ImageNet weights exist for BatchNorm backbones, not for norm={norm!r}")
-    new = {collection: {} for collection in backbone_variables}
-    problems, filled = [], set()
+    arrays, problems = [], []
     for key, value in state_dict.items():
         if key.startswith("fc.") or key.endswith("num_batches_tracked"):
             continue
         module, field = key.rsplit(".", 1)
-        path = _module_path(module)
         if field == "weight" and value.ndim == 4:
-            collection, leaf, value = "params", "kernel", np.transpose(value, (2, 3, 1, 0))
+            arrays.append((key, _module_path(module), "kernel", np.transpose(value, (2, 3, 1, 0))))
         elif field in _BN_FIELDS:
-            leaf = _BN_FIELDS[field]
-            if norm == "frozen_bn":
-                collection = "frozen"
-            else:
-                collection = "params" if leaf in ("scale", "bias") else "batch_stats"
+            arrays.append((key, _module_path(module), _BN_FIELDS[field], value))
         else:
             problems.append(f"unexpected {key}")
-            continue
+    return fill_backbone(arrays, backbone_variables, norm, problems)
+
+
+def fill_backbone(
+    arrays: Iterable[tuple[str, tuple[str, ...], str, np.ndarray]],
+    backbone_variables: Mapping[str, Any],
+    norm: str,
+    problems: Sequence[str] = (),
+    source_of: Callable[[tuple[str, ...]], str] | None = None,
+) -> dict[str, dict]:
+    """Pretrained arrays already in this project's layout -> the backbone's variable collections.
+
+    The part every importer shares (torchvision here, Detectron's Caffe2 pickles in ``caffe2_import``):
+    placing each array by norm kind, checking its shape, and listing what is missing.
+
+    Args:
+      arrays: ``(source name, module path, leaf, value)``: the name in the file (for messages), the path
+        in ``ResNet`` (``("layer2_0", "conv1")``), the leaf (``"kernel"`` as HWIO, or a norm's
+        ``"scale"``, ``"bias"``, ``"mean"``, ``"var"``) and the array.
+      backbone_variables, norm: as for ``convert_resnet``.
+      problems: the caller's own findings (e.g. unknown names), reported with these.
+      source_of: the name in the file that a missing ``(module path..., leaf)`` would have had, for
+        messages; by default the variable's path.
+
+    Returns:
+      ``backbone_variables``' collections filled with the arrays (float32); DCNv2 offset predictors, absent
+      from ImageNet weights, keep their initial values.
+
+    Raises:
+      ValueError: naming every missing, unexpected or mis-shaped array.
+    """
+    if norm not in ("frozen_bn", "bn"):
+        raise ValueError(f"ImageNet weights exist for BatchNorm backbones, not for norm={norm!r}")
+    new = {collection: {} for collection in backbone_variables}
+    problems, filled = list(problems), set()
+    for source, path, leaf, value in arrays:
+        if leaf == "kernel":
+            collection = "params"
+        elif norm == "frozen_bn":
+            collection = "frozen"
+        else:
+            collection = "params" if leaf in ("scale", "bias") else "batch_stats"
         target = backbone_variables.get(collection, {})
         for part in path:
             target = target.get(part, {}) if isinstance(target, Mapping) else {}
         expected = target.get(leaf) if isinstance(target, Mapping) else None
         if expected is None:
-            problems.append(f"unexpected {key}")
+            problems.append(f"unexpected {source}")
             continue
         if tuple(expected.shape) != tuple(value.shape):
-            problems.append(f"{key}: shape {tuple(value.shape)} does not fit {tuple(expected.shape)}")
+            problems.append(f"{source}: shape {tuple(value.shape)} does not fit {tuple(expected.shape)}")
             continue
         _set_leaf(new[collection], (*path, leaf), value)
         filled.add((collection, *path, leaf))
@@ -118,12 +159,12 @@ def convert_resnet(
         for path, initial in _leaves(tree):
             if (collection, *path) in filled:
                 continue
-            if "conv_offset" in path:  # DCNv2 offset predictors are not in ImageNet weights: they start at zero
+            if "conv_offset" in path:  # DCNv2 offset predictors are not in ImageNet weights: kept as initialised
                 _set_leaf(new[collection], path, initial)
             else:
-                problems.append(f"missing {collection}/{'/'.join(path)}")
+                problems.append(f"missing {source_of(path) if source_of else collection + '/' + '/'.join(path)}")
     if problems:
-        raise ValueError("pretrained backbone does not match the model: " + "; ".join(sorted(problems)[:20]))
+        raise ValueError("pretrained backbone does not match the model: " + "; ".join(sorted(set(problems))[:20]))
     return new
 
 
@@ -146,9 +187,16 @@ def _set_leaf(tree: dict, path: tuple[str, ...], value: Any) -> None:
 
 
 def load_pretrained_backbone(variables: Mapping[str, Any], path: str, norm: str) -> dict[str, Any]:
-    """``variables`` of the detector with the backbone replaced by the weights in ``path``."""
+    """``variables`` of the detector with the backbone replaced by the weights in ``path``: a torchvision
+    ``state_dict`` (.npz, .pth) or a Detectron Caffe2 pickle (.pkl, ``caffe2_import``)."""
+    # Imported here: caffe2_import builds on this module's fill_backbone.
+    from atss_jax.models import caffe2_import
+
     backbone = {name: tree["backbone"] for name, tree in variables.items() if "backbone" in tree}
-    converted = convert_resnet(load_state_dict(path), backbone, norm)
+    if caffe2_import.is_caffe2_file(path):
+        converted = caffe2_import.convert_caffe2(caffe2_import.load_blobs(path), backbone, norm)
+    else:
+        converted = convert_resnet(load_state_dict(path), backbone, norm)
     return {
         name: {**tree, **({"backbone": converted[name]} if name in converted else {})}
         for name, tree in variables.items()
