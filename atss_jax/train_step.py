@@ -26,6 +26,7 @@ from atss_jax import losses, optim, parallel
 from atss_jax.anchors import AnchorGrid, anchor_valid_mask, anchors_per_location, build_anchor_grid
 from atss_jax.assigners import AssignResult, build_assigner
 from atss_jax.data.canvas import canvases
+from atss_jax.models import caffe2_import
 from atss_jax.models.detector import build_detector, frozen_parameter_mask, init_detector
 from atss_jax.parallel import AXIS
 
@@ -58,7 +59,7 @@ def check_config(config: ml_collections.ConfigDict, num_categories: int) -> None
                          "config.model.backbone.pretrained (convert torchvision weights with "
                          "scripts/convert_torchvision.py, or give a Detectron .pkl as it is), or use norm='gn' or "
                          "'bn' to train from scratch.")
-    if str(backbone.pretrained).endswith(".pkl") and config.model.input_channels != "bgr":
+    if caffe2_import.is_caffe2_file(backbone.pretrained) and config.model.input_channels != "bgr":
         # The file cannot say so itself: Caffe2 blobs have the same shapes whatever input they were trained on.
         raise ValueError(f"config.model.backbone.pretrained={backbone.pretrained} is a Detectron Caffe2 pickle, "
                          "trained on BGR images minus Detectron's means, but config.model.input_channels="

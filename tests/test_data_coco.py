@@ -220,7 +220,7 @@ def _detections(rng: np.random.Generator) -> list[dict]:
     return results
 
 
-def _pycocotools_stats(annotation_file: str, detections: list[dict]) -> dict[str, float]:
+def pycocotools_stats(annotation_file: str, detections: list[dict]) -> dict[str, float]:
     """The 12 numbers of pycocotools itself on an annotation file."""
     with contextlib.redirect_stdout(io.StringIO()):
         official = COCO(annotation_file)
@@ -246,7 +246,7 @@ def test_evaluation_ground_truth_scores_exactly_like_the_official_json(coco_tree
     recorded = sorted(name for name in os.listdir(split.builder.data_path) if name.startswith("annotations-"))
     assert recorded == ["annotations-validation.json"], "only the validation JSON is recorded"
     detections = _detections(np.random.default_rng(0))
-    want = _pycocotools_stats(_validation_json(coco_tree), detections)
+    want = pycocotools_stats(_validation_json(coco_tree), detections)
     got, _ = coco_eval.coco_metrics(coco_eval.ground_truth(split), detections, evaluator)
     assert got == pytest.approx(want, abs=1e-12)
     from_split, _ = coco_eval.coco_metrics(coco_eval.ground_truth_from_split(split), detections, evaluator)
@@ -269,7 +269,7 @@ def test_ground_truth_built_from_the_split_scores_like_the_json_with_whole_areas
     split = pipeline.open_split(data_config, "validation")
     ground_truth = coco_eval.ground_truth_from_split(split)
     detections = _detections(np.random.default_rng(0))
-    want = _pycocotools_stats(truncated, detections)
+    want = pycocotools_stats(truncated, detections)
     got, _ = coco_eval.coco_metrics(ground_truth, detections, evaluator)
     assert got == pytest.approx(want, abs=1e-12)
     # Both matter here: box areas instead, or no crowds, change the numbers.

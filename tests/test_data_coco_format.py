@@ -1,7 +1,5 @@
 """The COCO-format builder on a small folder the test writes; malformed annotations give clear errors."""
 
-import contextlib
-import io
 import json
 import os
 
@@ -9,12 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from atss_jax import coco_eval
 from atss_jax.data import coco, coco_format, datasets, pipeline, splits
 from configs import demo
+from tests.test_data_coco import pycocotools_stats
 
 CATEGORIES = [{"id": 40, "name": "kite"}, {"id": 7, "name": "train"}, {"id": 12, "name": "bench"}]
 
@@ -183,13 +180,7 @@ def test_evaluation_ground_truth_scores_exactly_like_the_configured_json(custom_
         {"image_id": 102, "category_id": 40, "bbox": [0, 0, 32, 32], "score": 0.6},
         {"image_id": 102, "category_id": 7, "bbox": [0, 0, 16, 16], "score": 0.5},  # a false positive
     ]
-    with contextlib.redirect_stdout(io.StringIO()):
-        official = COCO(path)
-        evaluation = COCOeval(official, official.loadRes(detections), "bbox")
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    want = dict(zip(coco_eval.METRIC_NAMES, evaluation.stats.tolist()))
+    want = pycocotools_stats(path, detections)
     got, _ = coco_eval.coco_metrics(coco_eval.ground_truth(split), detections, evaluator)
     assert got == pytest.approx(want, abs=1e-12)
     from_split, _ = coco_eval.coco_metrics(coco_eval.ground_truth_from_split(split), detections, evaluator)

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Mapping
+from typing import IO
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -117,11 +118,7 @@ def record_annotations(data_path: epath.Path, files: Mapping[str, str | epath.Pa
         if target.exists():
             continue
         logging.info("Recording the annotations of split %r (%s) as %s.", split, source, target)
-        # Copied under a unique name, then renamed: a reader never sees a partial file.
-        partial = data_path / f".{target.name}.{uuid.uuid4().hex}"
-        with epath.Path(source).open("rb") as reader, partial.open("wb") as writer:
-            shutil.copyfileobj(reader, writer, 64 << 20)
-        partial.rename(target)
+        write_whole(target, lambda writer, source=source: _copy_file(epath.Path(source), writer))
 
 
 def tfds_coco_annotation_files(builder: tfds.core.DatasetBuilder) -> dict[str, epath.Path]:
@@ -155,8 +152,22 @@ def _copy_prepared(source: epath.Path, target: epath.Path) -> None:
                    key=lambda p: _WRITTEN_LAST.index(p.name) + 1 if p.name in _WRITTEN_LAST else 0)
     target.mkdir(parents=True, exist_ok=True)
     for file in files:
-        with file.open("rb") as reader, (target / file.name).open("wb") as writer:
-            shutil.copyfileobj(reader, writer, 64 << 20)
+        with (target / file.name).open("wb") as writer:
+            _copy_file(file, writer)
+
+
+def _copy_file(source: epath.Path, writer: IO[bytes]) -> None:
+    with source.open("rb") as reader:
+        shutil.copyfileobj(reader, writer, 64 << 20)
+
+
+def write_whole(path: epath.Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Writes ``path`` (may be a bucket) with ``write(file)`` under a unique name, then renames it: a reader
+    never sees a partial file."""
+    partial = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+    with partial.open("wb") as writer:
+        write(writer)
+    partial.rename(path)
 
 
 def category_ids(builder: tfds.core.DatasetBuilder) -> tuple[int, ...]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -108,8 +107,4 @@ def record_image_sizes(builder: tfds.core.DatasetBuilder) -> None:
         logging.info("Recording the image sizes of %s split %r (%d images).", builder.info.full_name, name,
                      split.num_examples)
         sizes = split.read_image_sizes()
-        # Written under a unique name, then renamed: a reader never sees a partial file.
-        partial = path.parent / f".{path.name}.{uuid.uuid4().hex}"
-        with partial.open("wb") as f:
-            np.save(f, sizes)
-        partial.rename(path)
+        coco.write_whole(path, lambda writer, sizes=sizes: np.save(writer, sizes))

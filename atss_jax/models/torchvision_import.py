@@ -35,7 +35,10 @@ def load_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     path = str(path)
     if not file.exists():
         raise FileNotFoundError(f"pretrained backbone file {path!r} does not exist")
-    if path.endswith(".pkl"):
+    # Imported here: caffe2_import builds on this module's fill_backbone.
+    from atss_jax.models import caffe2_import
+
+    if caffe2_import.is_caffe2_file(path):
         raise ValueError(f"{path!r} is a Detectron Caffe2 pickle, not a torchvision state_dict: it needs no "
                          "conversion, set it as config.model.backbone.pretrained")
     data = io.BytesIO(file.read_bytes())
