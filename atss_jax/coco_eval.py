@@ -181,9 +181,13 @@ def format_table(stats: dict[str, float], per_class: dict[int, float], names: di
 
 
 def write_host_detections(directory: str, process_index: int, detections: list[dict]) -> None:
+    """Writes (replaces) this host's detections whole: written beside and renamed into place, so that an
+    evaluation stopped midway (preemption) leaves the previous file or none, never a partial one."""
     path = epath.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    (path / f"detections_host{process_index}.json").write_text(json.dumps(detections))
+    partial = path / f"detections_host{process_index}.json.partial"
+    partial.write_text(json.dumps(detections))
+    partial.replace(path / f"detections_host{process_index}.json")
 
 
 def merge_host_detections(directory: str, process_count: int) -> list[dict]:
@@ -193,7 +197,10 @@ def merge_host_detections(directory: str, process_count: int) -> list[dict]:
         path = epath.Path(directory) / f"detections_host{process_index}.json"
         if not path.exists():
             raise FileNotFoundError(f"Host {process_index} wrote no detections to {path}.")
-        merged += json.loads(path.read_text())
+        try:
+            merged += json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is corrupt ({error}); evaluate again to rewrite it.") from None
     return merged
 
 

@@ -27,7 +27,7 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from atss_jax import checkpoint, coco_eval, inference, parallel, tta, visualise
+from atss_jax import checkpoint, coco_eval, inference, parallel, preemption, tta, visualise
 from atss_jax.anchors import anchors_per_location
 from atss_jax.data import pipeline, transforms
 from atss_jax.models.detector import abstract_variables, build_detector
@@ -40,9 +40,13 @@ METRICS_FILE = "metrics.json"
 class Evaluator:
     """COCO evaluation of one config: the compiled inference step, the views, the ground truth."""
 
-    def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.sharding.Mesh):
+    def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.sharding.Mesh,
+                 sigterm: preemption.SigtermFlag | None = None):
+        """``sigterm``: a preemption request that stops the evaluation before its next batch (one process
+        only: hosts of a multi-host job would stop at different batches, so there they finish it)."""
         self.config = config
         self.mesh = mesh
+        self.sigterm = sigterm if jax.process_count() == 1 else None
         # With test-time augmentation every view, even a single one, goes through the merge.
         self.merge_views = bool(config.eval.tta.enabled)
         self.views = tta.views(config)
@@ -67,6 +71,9 @@ class Evaluator:
         data = pipeline.eval_dataset(view.data_config, batch_per_host=self.batch_per_host, horizontal_flip=view.flip)
         parts, drawn = [], []
         for batch in data.dataset.as_numpy_iterator():
+            if self.sigterm is not None and self.sigterm.requested:
+                raise preemption.Preempted("SIGTERM (preemption) stopped the evaluation before it wrote anything: "
+                                           "run the same command again to evaluate.")
             detections = self._detect(variables, parallel.to_global(batch, self.mesh))
             out = {k: parallel.local_rows(v) for k, v in detections.items()}
             valid = batch["example_valid"]
@@ -151,13 +158,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | epath.
                         step: int | None = None) -> dict | None:
     """Evaluates checkpoint ``step`` (default: the latest) of ``workdir`` and writes the result.
 
-    Restores the model variables only: no optimiser, no pretrained weights.
+    Restores the model variables only: no optimiser, no pretrained weights. SIGTERM stops it before the next
+    batch with `preemption.Preempted`; run again, it evaluates the checkpoint from the start (each host's
+    detections file is rewritten whole, never appended to).
     """
+    sigterm = preemption.SigtermFlag().install()
     mesh = parallel.make_mesh()
     canvas = transforms.canvases(config.data)[0]
     model = build_detector(config.model, anchors_per_location(config.anchors), axis_name=parallel.AXIS)
     replicated = jax.sharding.NamedSharding(mesh, parallel.REPLICATED_SPEC)
     restored = checkpoint.restore_variables(workdir, abstract_variables(model, canvas, replicated), step)
-    result = Evaluator(config, model, mesh).run(restored.variables, step_dir(workdir, restored.step))
+    print(f"Evaluating checkpoint step {restored.step} of {workdir}.", flush=True)
+    result = Evaluator(config, model, mesh, sigterm).run(restored.variables, step_dir(workdir, restored.step))
     writer = metric_writers.create_default_writer(str(workdir), just_logging=not parallel.is_main_process())
     return write_result(result, workdir, restored.step, writer)

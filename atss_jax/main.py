@@ -5,11 +5,17 @@ r"""Entry point: train (with periodic evaluation) or evaluate a checkpoint.
     python -m atss_jax.main --workdir=gs://bucket/atss                        # resume with the workdir's config
     python -m atss_jax.main --workdir=gs://bucket/atss --mode=eval [--checkpoint_step=N]
 
+Exit codes: 0 done; 1 an error (its cause is the first line printed after the log); 143
+(`preemption.PREEMPTED_EXIT_CODE`, 128 + SIGTERM) stopped by SIGTERM after saving: run the same command to resume.
+
 Every host of a multi-host job runs the same command; `jax.distributed.initialize()` connects them
 wherever JAX detects a cluster (Cloud TPU VMs, SLURM, Open MPI, GKE, JAX_COORDINATOR_ADDRESS).
 """
 
 from __future__ import annotations
+
+import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -56,7 +62,7 @@ def main(argv):
     # TF only feeds data: keep it off the accelerators.
     tf.config.set_visible_devices([], "GPU")
     tf.config.set_visible_devices([], "TPU")
-    from atss_jax import evaluator, train, workdirs
+    from atss_jax import checkpoint, evaluator, preemption, train, workdirs
 
     logging.info(parallel.describe_devices())
     try:
@@ -64,10 +70,23 @@ def main(argv):
     except workdirs.WorkdirError as error:
         raise SystemExit(f"{error} Start a run with --config=configs/....py.") from None
     check_backend(config, _ALLOW_CPU.value)
-    if _MODE.value == "train":
-        train.train_and_evaluate(config, _WORKDIR.value)
-    else:
-        evaluator.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT_STEP.value)
+    try:
+        if _MODE.value == "train":
+            train.train(config, _WORKDIR.value)
+        else:
+            evaluator.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT_STEP.value)
+    except preemption.Preempted as stop:
+        print(stop, file=sys.stderr, flush=True)
+        sys.exit(preemption.PREEMPTED_EXIT_CODE)
+    except (checkpoint.CheckpointError, workdirs.WorkdirError, FloatingPointError) as error:
+        # Errors whose message says what to do: the message alone.
+        raise SystemExit(f"{type(error).__name__}: {error}") from None
+    except Exception as error:
+        # The cause first, on its own, then the traceback for a bug report.
+        cause = "\n".join([f"{type(error).__name__}: {error}", *getattr(error, "__notes__", ())])
+        print(f"{cause}\n\nTraceback (for a bug report):", file=sys.stderr, flush=True)
+        traceback.print_exception(error, file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -192,13 +192,18 @@ def decode_example(example: dict) -> dict[str, tf.Tensor]:
       labels: [n] int32; is_crowd: [n] bool; image_id: [] int64.
     """
     image = transforms.decode_image(example["image"])
-    size = tf.cast(tf.shape(image)[:2], tf.float32)
-    ymin, xmin, ymax, xmax = tf.unstack(tf.reshape(example["objects"]["bbox"], [-1, 4]), axis=1)
-    boxes = tf.stack([xmin * size[1], ymin * size[0], xmax * size[1], ymax * size[0]], axis=1)
     return {
         "image": image,
-        "boxes": boxes,
+        "boxes": pixel_boxes(example["objects"]["bbox"], tf.shape(image)[:2]),
         "labels": tf.cast(example["objects"]["label"], tf.int32),
         "is_crowd": tf.cast(example["objects"]["is_crowd"], tf.bool),
         "image_id": tf.cast(example["image/id"], tf.int64),
     }
+
+
+def pixel_boxes(bbox: tf.Tensor, image_size: tf.Tensor) -> tf.Tensor:
+    """TFDS boxes -> pixels: bbox [n, 4] normalised (ymin, xmin, ymax, xmax), image_size [2] (height, width)
+    -> [n, 4] float32 xyxy pixels."""
+    size = tf.cast(image_size, tf.float32)
+    ymin, xmin, ymax, xmax = tf.unstack(tf.reshape(bbox, [-1, 4]), axis=1)
+    return tf.stack([xmin * size[1], ymin * size[0], xmax * size[1], ymax * size[0]], axis=1)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import ml_collections
 import tensorflow_datasets as tfds
+from etils import epath
 
 from atss_jax.data import coco, coco_format, splits, synthetic
 
@@ -22,14 +25,18 @@ def builder_name(data_config: ml_collections.ConfigDict) -> str:
     return data_config.name
 
 
-def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """Prepares the configured dataset if needed (downloading COCO through TFDS), records its image sizes
-    (`splits.record_image_sizes`) and the annotation JSON of its splits (`coco.record_annotations`; of TFDS's
-    COCO the validation JSON, found in its downloads) if they are not yet, then opens it."""
+def prepare(data_config: ml_collections.ConfigDict, skip_bad_images: bool = False) -> tfds.core.DatasetBuilder:
+    """Prepares the configured dataset if needed (downloading COCO through TFDS), records its image sizes and
+    box counts (`splits.record_image_sizes`) and the annotation JSON of its splits (`coco.record_annotations`;
+    of TFDS's COCO the validation JSON, found in its downloads) if they are not yet, then opens it.
+
+    A COCO-format dataset has every image decoded and checked (`coco_format.prepare`; ``skip_bad_images``
+    leaves undecodable ones out) and, when prepared already, its annotation files and image folders compared
+    with those it was prepared from (`coco_format.StaleDatasetError`)."""
     data_dir = data_config.data_dir or None
     if data_config.name == COCO_FORMAT:
         coco_format.prepare(data_config.coco_format.name, dict(data_config.coco_format.annotations),
-                            dict(data_config.coco_format.images), data_dir)
+                            dict(data_config.coco_format.images), data_dir, skip_bad_images)
     elif data_config.name == SYNTHETIC:
         synthetic.prepare(data_config.synthetic, data_dir)
     else:
@@ -45,7 +52,21 @@ def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
 
     Raises:
       coco.DatasetNotFoundError: COCO or a COCO-format dataset is not prepared (the message says how).
+      coco_format.StaleDatasetError: a COCO-format dataset's annotation files or image folders changed since
+        it was prepared (checked once per process).
     """
     if data_config.name == SYNTHETIC:
         return prepare(data_config)
-    return coco.open_builder(builder_name(data_config), data_config.data_dir)
+    builder = coco.open_builder(builder_name(data_config), data_config.data_dir)
+    if data_config.name == COCO_FORMAT:
+        _check_source_once(str(builder.data_path), tuple(data_config.coco_format.annotations.items()),
+                           tuple(data_config.coco_format.images.items()))
+    return builder
+
+
+@functools.cache
+def _check_source_once(data_path: str, annotations: tuple[tuple[str, str], ...],
+                       images: tuple[tuple[str, str], ...]) -> None:
+    """`coco_format.check_source`, once per process: every evaluation opens the dataset again, and the check
+    reads the annotation files and lists the image folders."""
+    coco_format.check_source(epath.Path(data_path), dict(annotations), dict(images))

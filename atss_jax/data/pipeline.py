@@ -39,12 +39,15 @@ from atss_jax.data.splits import Split
 
 
 def open_split(data_config: ml_collections.ConfigDict, split: str) -> Split:
-    """The configured dataset's `split`, prepared (the synthetic demo) or opened."""
+    """The configured dataset's `split`, prepared (the synthetic demo) or opened, checked to have no image with
+    more boxes than config.data.max_boxes (`Split.check_max_boxes`: at start-up, not when the image is reached)."""
     builder = datasets.get_builder(data_config)
     if split not in builder.info.splits:
         raise ValueError(f"Dataset {builder.info.full_name!r} has no split {split!r}; "
                          f"it has {sorted(builder.info.splits)}.")
-    return Split(builder, split)
+    opened = Split(builder, split)
+    opened.check_max_boxes(data_config.max_boxes)
+    return opened
 
 
 class Categories(NamedTuple):

@@ -1,0 +1,220 @@
+"""Faults while running (issue 19): each leaves a clear message, the right exit code, and a workdir that resumes
+to what an uninterrupted run of the tiny config gives (``tiny_trainings``), or keeps and names its last good
+checkpoint."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from atss_jax import checkpoint, evaluator, preemption, train
+from tests.test_train import ROOT, _config, _final_state
+
+CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "PMIX_SERVER_URI2",
+                     "TPU_WORKER_HOSTNAMES", "KUBERNETES_SERVICE_HOST")
+
+
+def _start(args, stderr_path):
+    """A one-device `python <args>` whose stdout is read line by line and whose (long) log goes to a file."""
+    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARIABLES}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=open(stderr_path, "w"), text=True)
+
+
+def _sigterm_after(process, line_start):
+    """Sends SIGTERM once the process prints a line starting with `line_start`; its exit code."""
+    for line in process.stdout:
+        if line.startswith(line_start):
+            process.send_signal(signal.SIGTERM)
+            break
+    process.stdout.read()
+    return process.wait(timeout=300)
+
+
+def _main_args(workdir, data_dir, *flags):
+    return ["-m", "atss_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}", *flags]
+
+
+def _assert_same_state(workdir, reference, config):
+    for a, b in zip(jax.tree.leaves(_final_state(config, workdir)), jax.tree.leaves(_final_state(config, reference))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _checkpoints(workdir):
+    return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_sigterm_in_training_saves_says_so_exits_143_and_resumes_to_the_uninterrupted_run(tiny_trainings,
+                                                                                          tmp_path):
+    data_dir, workdirs = tiny_trainings
+    workdir = str(tmp_path / "w")
+    process = _start(_main_args(workdir, data_dir), tmp_path / "stderr")
+    # The handler is installed before this line: SIGTERM stops the run after step 1, saved.
+    returncode = _sigterm_after(process, "Training steps 1..3")
+    stderr = (tmp_path / "stderr").read_text()
+    assert returncode == preemption.PREEMPTED_EXIT_CODE == 143, stderr[-3000:]
+    assert f"Preempted (SIGTERM) at step 1: checkpoint {workdir}/checkpoints/1 is saved" in stderr
+    assert _checkpoints(workdir) == ["1"]
+    assert not os.path.exists(os.path.join(workdir, "finished.json"))
+    config = _config(data_dir)
+    summary = train.train_and_evaluate(config, workdir)
+    _assert_same_state(workdir, workdirs[1], config)
+    with open(os.path.join(workdirs[1], "finished.json")) as f:
+        assert summary["metrics"] == pytest.approx(json.load(f)["metrics"], abs=1e-6)
+
+
+def test_sigterm_in_eval_mode_stops_before_scoring_and_the_rerun_scores_once(tiny_trainings, tmp_path):
+    data_dir, workdirs = tiny_trainings
+    workdir = str(tmp_path / "w")
+    shutil.copytree(workdirs[1], workdir, ignore=shutil.ignore_patterns("eval", "metrics.json", "events.*"))
+    process = _start(["-m", "atss_jax.main", f"--workdir={workdir}", "--mode=eval"], tmp_path / "stderr")
+    returncode = _sigterm_after(process, "Evaluating checkpoint step 3")
+    stderr = (tmp_path / "stderr").read_text()
+    assert returncode == preemption.PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert "SIGTERM (preemption) stopped the evaluation before it wrote anything" in stderr
+    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        summary = evaluator.evaluate_checkpoint(_config(data_dir), workdir)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # The training's own final evaluation of the same checkpoint: a detection merged twice would change it.
+    with open(os.path.join(workdirs[1], "finished.json")) as f:
+        assert summary["metrics"] == pytest.approx(json.load(f)["metrics"], abs=1e-6)
+    assert os.listdir(evaluator.step_dir(workdir, 3)).count("detections_host0.json") == 1
+    assert not [n for n in os.listdir(evaluator.step_dir(workdir, 3)) if n.endswith(".partial")]
+
+
+# Runs the entry point with the training data's iterator raising at its third batch (step 3), when the save
+# of step 2 may still be pending.
+FAULT_SCRIPT = """
+import sys
+from absl import app
+from atss_jax import main, train
+
+real_dataset = train.pipeline.train_dataset
+
+
+class Faulty:
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def as_numpy_iterator(self):
+        for index, batch in enumerate(self.dataset.as_numpy_iterator()):
+            if index == 2:
+                raise RuntimeError("injected fault")
+            yield batch
+
+
+train.pipeline.train_dataset = lambda *args, **kwargs: Faulty(real_dataset(*args, **kwargs))
+sys.argv = ["atss_jax.main", *sys.argv[1:]]
+app.run(main.main)
+"""
+
+
+def test_exception_mid_loop_is_reported_first_and_the_workdir_resumes_to_the_uninterrupted_run(tiny_trainings,
+                                                                                                  tmp_path):
+    data_dir, workdirs = tiny_trainings
+    workdir = str(tmp_path / "w")
+    process = _start(["-c", FAULT_SCRIPT, *_main_args(workdir, data_dir)[2:]], tmp_path / "stderr")
+    process.stdout.read()
+    returncode = process.wait(timeout=300)
+    stderr = (tmp_path / "stderr").read_text()
+    assert returncode == 1, stderr[-3000:]
+    # The cause on its own line, before the traceback; then where the run can resume from.
+    report = stderr[stderr.index("RuntimeError: injected fault\n"):]
+    assert report.splitlines()[1].startswith(f"Training stopped by this error; the newest checkpoint is {workdir}")
+    assert report.index("Traceback (for a bug report)") > 0
+    assert "asyncio" not in stderr and "Exception ignored" not in stderr
+    assert _checkpoints(workdir) == ["1", "2"]  # the pending save finished; no *.orbax-checkpoint-tmp
+    train.train_and_evaluate(_config(data_dir), workdir)
+    _assert_same_state(workdir, workdirs[1], _config(data_dir))
+
+
+def test_divergence_keeps_the_last_good_checkpoint_and_a_lower_rate_resumes_from_it(synthetic_data_config,
+                                                                                   tmp_path, capsys):
+    config = _config(synthetic_data_config.data_dir)
+    # A tiny first step (good), then a huge rate: step 2's update explodes, seen in step 3's loss.
+    config.optimizer.warmup_factor = 1e-7
+    config.optimizer.base_lr = 1e5
+    workdir = str(tmp_path)
+    with pytest.raises(FloatingPointError) as error:
+        train.train_and_evaluate(config, workdir)
+    message = str(error.value)
+    assert "at step 3" in message and f"the last good one is step 1 in {workdir}/checkpoints" in message
+    assert "--config.optimizer.base_lr=10000 " in message
+    assert _checkpoints(workdir) == ["1"]  # step 2's parameters diverged: its checkpoint is gone
+    kept = _final_state(config, workdir)
+    config.optimizer.base_lr = 0.01
+    capsys.readouterr()
+    train.train_and_evaluate(config, workdir)
+    assert "Training steps 2..3" in capsys.readouterr().out
+    resumed = _final_state(config, workdir, step=3)
+    assert int(resumed.step) == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(resumed.params))
+    # The resumed run started from the checkpoint the diverged run kept, and kept it.
+    np.testing.assert_array_equal(jax.tree.leaves(_final_state(config, workdir, step=1).params)[0],
+                                  jax.tree.leaves(kept.params)[0])
+
+
+def _largest_file(directory):
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    return max(files, key=os.path.getsize)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step_naming_it(tiny_trainings, tmp_path, caplog):
+    data_dir, workdirs = tiny_trainings
+    config = _config(data_dir)
+    workdir = str(tmp_path / "w")
+    shutil.copytree(workdirs[1], workdir, ignore=shutil.ignore_patterns("finished.json"))
+    corrupt = _largest_file(os.path.join(workdir, "checkpoints", "3"))
+    with open(corrupt, "r+b") as f:
+        f.truncate(os.path.getsize(corrupt) // 2)
+    state = _final_state(config, workdir)  # restores the latest readable checkpoint
+    assert int(state.step) == 2
+    assert f"Checkpoint {workdir}/checkpoints/3 is unreadable" in caplog.text
+    assert "falling back to the previous checkpoint, step 2" in caplog.text
+    assert os.path.isdir(os.path.join(workdir, "checkpoints_unreadable", "3"))
+    train.train_and_evaluate(config, workdir)  # trains step 3 again: nothing lost
+    _assert_same_state(workdir, workdirs[1], config)
+
+
+def test_missing_pretrained_weights_and_eval_split_stop_before_anything_is_built(synthetic_data_config, tmp_path):
+    config = _config(synthetic_data_config.data_dir)
+    config.model.backbone.pretrained = str(tmp_path / "missing.pth")
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"config.model.backbone.pretrained=.*missing.pth.* does not exist"):
+        train.train_and_evaluate(config, str(tmp_path))
+    config = _config(synthetic_data_config.data_dir)
+    config.data.eval_split = "validaton"
+    with pytest.raises(ValueError, match="has no split 'validaton'"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert time.perf_counter() - start < 20  # building and compiling the tiny model alone takes longer
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_variables_restore_for_evaluation_falls_back_past_a_deleted_file(tiny_trainings, tmp_path, caplog):
+    data_dir, workdirs = tiny_trainings
+    config = _config(data_dir)
+    workdir = str(tmp_path / "w")
+    shutil.copytree(workdirs[1], workdir)
+    os.remove(_largest_file(os.path.join(workdir, "checkpoints", "3")))
+    from atss_jax.anchors import anchors_per_location
+    from atss_jax.models.detector import abstract_variables, build_detector
+
+    model = build_detector(config.model, anchors_per_location(config.anchors))
+    restored = checkpoint.restore_variables(workdir, abstract_variables(model, tuple(config.data.canvas)))
+    assert restored.step == 2 and "falling back to the previous checkpoint, step 2" in caplog.text
+    for a, b in zip(jax.tree.leaves(restored.variables["params"]),
+                    jax.tree.leaves(_final_state(config, workdirs[1], step=2).params)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoints/3 cannot be restored"):
+        checkpoint.restore_variables(workdir, abstract_variables(model, tuple(config.data.canvas)), step=3)
