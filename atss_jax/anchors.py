@@ -67,7 +67,8 @@ class AnchorGrid:
 
     @property
     def centers(self) -> np.ndarray:
-        """``[A, 2]`` float32 (x, y) anchor centres: ``((x + 0.5) * stride, (y + 0.5) * stride)``."""
+        """``[A, 2]`` float32 (x, y) anchor centres: ``((x + offset) * stride, (y + offset) * stride)``, offset 0.5 by
+        default."""
         return (self.boxes[:, :2] + self.boxes[:, 2:]) * np.float32(0.5)
 
     @property
@@ -83,6 +84,7 @@ def _anchor_grid(
     octave_base_scale: float,
     scales: tuple[float, ...],
     aspect_ratios: tuple[float, ...],
+    center_offset: float,
 ) -> AnchorGrid:
     # Anchor shapes at one location, ratio-major then scale (mmdetection's order); ratio = h / w.
     ratios = np.asarray(aspect_ratios, np.float64)
@@ -97,7 +99,8 @@ def _anchor_grid(
         # has exactly the location's centre and distance ties between them are exact ties.
         half_w = np.round((0.5 * base * w_factor).reshape(-1) * 256.0) / 256.0
         half_h = np.round((0.5 * base * h_factor).reshape(-1) * 256.0) / 256.0
-        cy, cx = np.meshgrid((np.arange(height) + 0.5) * stride, (np.arange(width) + 0.5) * stride, indexing="ij")
+        cy, cx = np.meshgrid((np.arange(height) + center_offset) * stride, (np.arange(width) + center_offset) * stride,
+                             indexing="ij")
         cx, cy = cx[:, :, None], cy[:, :, None]
         boxes = np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=-1)
         level_shapes.append((height, width))
@@ -119,6 +122,7 @@ def make_anchor_grid(
     octave_base_scale: float,
     scales: Sequence[float],
     aspect_ratios: Sequence[float],
+    center_offset: float = 0.5,
 ) -> AnchorGrid:
     """Builds (and caches) the anchors for a canvas.
 
@@ -128,6 +132,8 @@ def make_anchor_grid(
       octave_base_scale: anchor side in strides at scale 1 (ATSS and FCOS: 8).
       scales: size multipliers per location, e.g. ``(1,)`` or RetinaNet's ``(2**0, 2**(1/3), 2**(2/3))``.
       aspect_ratios: height / width ratios per location, e.g. ``(1,)`` or ``(0.5, 1, 2)``.
+      center_offset: anchor centres at ``(x + center_offset) * stride`` (0.5: the cell's centre, the official
+        code; 0: its corner, mmdetection's ``AnchorGenerator``).
 
     Returns:
       The grid; an anchor's size is ``octave_base_scale * stride * scale`` (the side of the square
@@ -144,6 +150,7 @@ def make_anchor_grid(
         float(octave_base_scale),
         tuple(float(s) for s in scales),
         tuple(float(r) for r in aspect_ratios),
+        float(center_offset),
     )
 
 
@@ -155,7 +162,7 @@ def anchors_per_location(config: ml_collections.ConfigDict) -> int:
 def build_anchor_grid(config: ml_collections.ConfigDict, canvas: Sequence[int]) -> AnchorGrid:
     """The anchors of ``config`` (the ``anchors`` section of the experiment config) on ``canvas``."""
     return make_anchor_grid(canvas, tuple(config.strides), config.octave_base_scale, tuple(config.scales),
-                            tuple(config.aspect_ratios))
+                            tuple(config.aspect_ratios), config.center_offset)
 
 
 def anchor_valid_mask(centers: jax.Array | np.ndarray, image_size: jax.Array) -> jax.Array:

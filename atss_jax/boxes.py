@@ -20,6 +20,9 @@ DELTA_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 REGRESSIONS = ("box", "point")
 # Largest log-scale a delta may decode to: a box at most 1000/16 times its anchor (Detectron's clamp).
 DELTA_SCALE_CLAMP = math.log(1000.0 / 16.0)
+# How "box" deltas decode: "official" clamps the log-scale from above only; "mmdetection" (its
+# DeltaXYWHBBoxCoder, wh_ratio_clip 16/1000) from both sides.
+BOX_CODERS = ("official", "mmdetection")
 
 
 def xyxy_to_cxcywh(boxes: jax.Array) -> jax.Array:
@@ -114,15 +117,18 @@ def decode_deltas(
     deltas: jax.Array,
     weights: Sequence[float] = DELTA_WEIGHTS,
     scale_clamp: float = DELTA_SCALE_CLAMP,
+    clamp_below: bool = False,
 ) -> jax.Array:
     """Inverse of :func:`encode_deltas`: ``anchors [..., 4], deltas [..., 4] -> boxes [..., 4]``.
 
-    The log-size deltas are clamped at ``scale_clamp`` so that an untrained head cannot overflow.
+    The log-size deltas are clamped at ``scale_clamp`` so that an untrained head cannot overflow; with
+    ``clamp_below`` also at ``-scale_clamp`` (mmdetection's coder).
     """
     anchor_cxcywh = xyxy_to_cxcywh(anchors)
     wx, wy, ww, wh = weights
     offset = deltas[..., :2] / jnp.asarray([wx, wy], deltas.dtype)
-    log_scale = jnp.minimum(deltas[..., 2:] / jnp.asarray([ww, wh], deltas.dtype), scale_clamp)
+    log_scale = jnp.clip(deltas[..., 2:] / jnp.asarray([ww, wh], deltas.dtype),
+                         min=-scale_clamp if clamp_below else None, max=scale_clamp)
     center = anchor_cxcywh[..., :2] + offset * anchor_cxcywh[..., 2:]
     size = anchor_cxcywh[..., 2:] * jnp.exp(log_scale)
     return cxcywh_to_xyxy(jnp.concatenate([center, size], axis=-1))
@@ -153,15 +159,19 @@ def decode_ltrb(points: jax.Array, distances: jax.Array, stride: jax.Array | flo
 
 
 def decode_regression(
-    regression_type: str, anchors: jax.Array, anchor_strides: jax.Array, box_regression: jax.Array
+    regression_type: str, anchors: jax.Array, anchor_strides: jax.Array, box_regression: jax.Array,
+    box_coder: str = "official",
 ) -> jax.Array:
     """Boxes from the head's regression output: ``[..., A, 4] -> [..., A, 4]`` xyxy pixels.
 
-    ``regression_type`` "box": deltas from ``anchors [A, 4]``; "point": LTRB distances in strides
-    from the anchors' centres, ``anchor_strides [A]`` the level strides.
+    ``regression_type`` "box": deltas from ``anchors [A, 4]``, decoded as ``box_coder`` (one of
+    ``BOX_CODERS``); "point": LTRB distances in strides from the anchors' centres, ``anchor_strides [A]``
+    the level strides.
     """
+    if box_coder not in BOX_CODERS:
+        raise ValueError(f"box coder {box_coder!r} is not one of {BOX_CODERS}")
     if regression_type == "box":
-        return decode_deltas(anchors, box_regression)
+        return decode_deltas(anchors, box_regression, clamp_below=box_coder == "mmdetection")
     if regression_type == "point":
         return decode_ltrb(box_centers(anchors), box_regression, anchor_strides)
     raise ValueError(f"regression type {regression_type!r} is not one of {REGRESSIONS}")

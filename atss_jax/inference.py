@@ -33,13 +33,14 @@ def eval_step(variables: dict, batch: dict[str, jax.Array], *, config: ml_collec
     anchors, strides = jnp.asarray(grid.boxes), jnp.asarray(grid.anchor_strides)
     class_logits, box_regression, centerness_logits = model.apply(variables, batch["image"], batch["image_size"],
                                                                      train=False)
-    decoded = box_lib.decode_regression(config.model.head.regression, anchors, strides, box_regression)
+    decoded = box_lib.decode_regression(config.model.head.regression, anchors, strides, box_regression,
+                                        config.model.head.box_coder)
     if not config.model.head.use_centerness:
         centerness_logits = jnp.full_like(centerness_logits, jnp.inf)  # sigmoid -> 1: rank by class only
     select = functools.partial(
         postprocess.select_detections, level_sizes=grid.level_sizes, score_threshold=config.eval.score_threshold,
         pre_nms_topk=config.eval.pre_nms_topk, iou_threshold=config.eval.nms_iou_threshold,
-        max_detections=config.eval.max_detections)
+        max_detections=config.eval.max_detections, score_rule=config.eval.score_rule)
     detections = jax.vmap(select)(jax.nn.sigmoid(class_logits), jax.nn.sigmoid(centerness_logits), decoded,
                                   anchor_valid_mask(grid.centers, batch["image_size"]), batch["image_size"],
                                   batch["scale"])

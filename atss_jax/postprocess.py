@@ -15,6 +15,9 @@ import jax.numpy as jnp
 
 from atss_jax import boxes as box_lib
 
+# How candidates are ranked and scored (`select_detections`): "official" as the official code,
+# "mmdetection" as mmdetection's ATSSHead.
+SCORE_RULES = ("official", "mmdetection")
 
 class Detections(NamedTuple):
     """Detections of one image (a leading batch axis when vmapped), best first.
@@ -117,6 +120,7 @@ def select_detections(
     pre_nms_topk: int,
     iou_threshold: float,
     max_detections: int,
+    score_rule: str = "official",
 ) -> Detections:
     """ATSS inference for one image: threshold, per-level top-k, clip, class-aware NMS, rescale.
 
@@ -129,19 +133,31 @@ def select_detections(
       scale: ``[]`` resized / original; boxes are divided by it.
       level_sizes: static anchors per level.
       score_threshold: minimum class probability (before centre-ness), as the official code.
-      pre_nms_topk: candidates per level, ranked by ``class_prob * centerness``.
+      pre_nms_topk: candidates per level, ranked by ``class_prob * centerness`` ("official") or ``class_prob``
+        ("mmdetection").
       iou_threshold: NMS threshold.
       max_detections: detections kept per image.
+      score_rule: one of ``SCORE_RULES``: "official" scores ``sqrt(class_prob * centerness)``;
+        "mmdetection" scores ``class_prob * centerness`` and drops boxes of zero width or height after
+        clipping (its ``min_bbox_size=0``).
 
     Returns:
-      ``Detections`` in original-image pixels with score ``sqrt(class_prob * centerness)``.
+      ``Detections`` in original-image pixels.
     """
-    ranking = class_probs * centerness[:, None]
+    if score_rule not in SCORE_RULES:
+        raise ValueError(f"score rule {score_rule!r} is not one of {SCORE_RULES}")
+    product = class_probs * centerness[:, None]
+    ranking = product if score_rule == "official" else class_probs
     passes = (class_probs > score_threshold) & anchor_valid[:, None]
     anchor_index, class_index = level_topk(jnp.where(passes, ranking, -1.0), level_sizes, pre_nms_topk)
     candidate_valid = passes[anchor_index, class_index]
-    candidate_scores = jnp.sqrt(ranking[anchor_index, class_index])
+    candidate_scores = product[anchor_index, class_index]
     candidate_boxes = box_lib.clip_boxes(decoded_boxes[anchor_index], image_size)
+    if score_rule == "official":
+        candidate_scores = jnp.sqrt(candidate_scores)
+    else:
+        size = candidate_boxes[:, 2:] - candidate_boxes[:, :2]
+        candidate_valid &= jnp.all(size > 0, axis=-1)
     keep, keep_valid = batched_nms(
         candidate_boxes,
         candidate_scores,

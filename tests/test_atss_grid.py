@@ -15,6 +15,7 @@ from tests import cases
 from tests.cases import paper_grid
 
 NINE_ANCHORS = dict(scales=(1.0, 2 ** (1 / 3), 2 ** (2 / 3)), aspect_ratios=(0.5, 1.0, 2.0))
+CORNER = dict(center_offset=0.0)
 
 
 def _compare(grid, batch: cases.Case, topk: int, anchor_valid=None):
@@ -46,7 +47,9 @@ def _compare(grid, batch: cases.Case, topk: int, anchor_valid=None):
 
 @pytest.mark.parametrize(
     "anchor_kwargs, topk, count",
-    [({}, k, 280) for k in (1, 2, 3, 5, 9, 13, 25)] + [(NINE_ANCHORS, k, 140) for k in (1, 4, 9, 16)],
+    [({}, k, 280) for k in (1, 2, 3, 5, 9, 13, 25)] + [(NINE_ANCHORS, k, 140) for k in (1, 4, 9, 16)]
+    # mmdetection's anchor centres at x * stride (anchors.center_offset=0)
+    + [(CORNER, k, 280) for k in (1, 9, 25)] + [({**NINE_ANCHORS, **CORNER}, 9, 140)],
 )
 def test_equals_reference_on_random_cases(anchor_kwargs, topk, count):
     # The #A = 1 grid is also the anchor-free (points) grid: one square of side 8 * stride per point.
@@ -66,9 +69,10 @@ def test_equals_reference_at_coco_size(anchor_kwargs):
     assert exact.all()
 
 
-def test_boxes_at_corners_and_beyond_small_images():
+@pytest.mark.parametrize("center_offset", [0.5, 0.0])
+def test_boxes_at_corners_and_beyond_small_images(center_offset):
     canvas = (96, 128)
-    grid = paper_grid(canvas)
+    grid = paper_grid(canvas, center_offset=center_offset)
     corners = []
     for x, y in [(0, 0), (128, 0), (0, 96), (128, 96), (-40, -40), (170, 130), (60, -30), (-25, 50)]:
         for size in (4.0, 20.0, 90.0):
@@ -85,10 +89,10 @@ def test_boxes_at_corners_and_beyond_small_images():
         assert exact.all()
 
 
-@pytest.mark.parametrize("topk", [1, 4, 9, 25])
-def test_integer_boxes_with_exact_distance_ties(topk):
+@pytest.mark.parametrize("topk, center_offset", [(1, 0.5), (4, 0.5), (9, 0.5), (25, 0.5), (4, 0.0), (9, 0.0)])
+def test_integer_boxes_with_exact_distance_ties(topk, center_offset):
     canvas = (96, 128)
-    grid = paper_grid(canvas, **NINE_ANCHORS)
+    grid = paper_grid(canvas, **NINE_ANCHORS, center_offset=center_offset)
     rng = np.random.default_rng(3)
     # Centres on cell corners and edges: four or two anchors at exactly the same distance.
     centers = rng.integers(0, 16, (12, 8, 2)) * 8.0 + rng.choice([0.0, 4.0], (12, 8, 2))

@@ -77,13 +77,14 @@ def _star(topk: int) -> tuple[list[int], list[tuple[int, int]]]:
 
 
 def _nearest_lines(
-    center: jax.Array, stride: np.ndarray, num_valid: jax.Array, count: int
+    center: jax.Array, stride: np.ndarray, center_offset: np.float32, num_valid: jax.Array, count: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The ``count`` valid columns (or rows) nearest a coordinate, nearest first.
 
     Args:
       center: ``[L, G]`` box centre coordinate, pixels.
-      stride: ``[L, 1]`` each level's stride; line l's centre is ``(l + 0.5) * stride``.
+      stride: ``[L, 1]`` each level's stride; line l's centre is ``(l + center_offset) * stride``.
+      center_offset: the grid's anchor centre offset, in strides (`_center_offset`).
       num_valid: ``[L, 1]`` int32; lines ``[0, num_valid)`` are valid.
       count: how many lines to list.
 
@@ -95,13 +96,14 @@ def _nearest_lines(
     """
 
     def squared_offset(line):  # and whether a valid line lies on the centre's side of `nearest`
-        offset = center - (line + 0.5).astype(jnp.float32) * stride
+        offset = center - (line.astype(jnp.float32) + center_offset) * stride
         valid = (line >= 0) & (line < num_valid)
         misplaced = valid & jnp.where(line < nearest, offset < 0, offset > 0)
         return jnp.where(valid, offset * offset, jnp.inf), misplaced
 
     last = jnp.maximum(num_valid - 1, 0)
-    nearest = jnp.clip(jnp.ceil(center / stride - 1.0), 0, last).astype(jnp.int32)
+    # The nearest line, the lower one of an exact tie: l + center_offset closest to center / stride.
+    nearest = jnp.clip(jnp.ceil(center / stride - (center_offset + 0.5)), 0, last).astype(jnp.int32)
     # Outwards from the nearest line, one side after the other; the nearer neighbour's side first (exact
     # ties: the lower line, as the reference's index order); once a side runs out, the other side alone.
     right_first = squared_offset(nearest + 1)[0] < squared_offset(nearest - 1)[0]
@@ -130,6 +132,16 @@ def _nearest_lines(
         beyond = jnp.minimum(beyond, jnp.where(misplaced, 0.0, end_squared))
     floor = jax.lax.cummin(jnp.concatenate([squared, beyond[None]]), axis=0, reverse=True)
     return line, squared, floor
+
+
+def _center_offset(grid: AnchorGrid) -> np.float32:
+    """The offset o of the grid's anchor centres ``(x + o) * stride`` (``anchors.center_offset``), read off its
+    first anchor; the same on every level and axis, which `make_anchor_grid` guarantees and this checks."""
+    first = np.cumsum((0, *grid.level_sizes[:-1]))
+    offsets = grid.centers[first] / np.asarray(grid.strides, np.float32)[:, None]
+    if not np.all(offsets == offsets[0, 0]):
+        raise ValueError(f"the grid ATSS assigner needs one anchor centre offset on every level; got {offsets}")
+    return offsets[0, 0]
 
 
 def _valid_extent(grid: AnchorGrid, anchor_valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -172,8 +184,9 @@ def _star_candidates(
     centers = jnp.broadcast_to(gt_centers.T[:, None, :], (2, num_levels, num_boxes))
     star_rows, outside = _star(topk)
     count = topk + _STAR_MARGIN
-    col, col_sq, col_floor = _nearest_lines(centers[0], stride, num_cols[:, None], count)
-    row, row_sq, row_floor = _nearest_lines(centers[1], stride, num_rows[:, None], count)
+    center_offset = _center_offset(grid)
+    col, col_sq, col_floor = _nearest_lines(centers[0], stride, center_offset, num_cols[:, None], count)
+    row, row_sq, row_floor = _nearest_lines(centers[1], stride, center_offset, num_rows[:, None], count)
 
     # The star's locations along a leading axis [n, L, G], built from slices (a gather is slower on XLA:CPU);
     # the same addition as the reference's dx * dx + dy * dy.

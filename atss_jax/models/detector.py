@@ -83,9 +83,10 @@ def build_backbone(backbone_config: ml_collections.ConfigDict, dtype: jnp.dtype,
     )
 
 
-def build_fpn(features: int, dtype: jnp.dtype) -> FPN:
-    """The FPN of ``features`` (``config.model.fpn_features``) channels."""
-    return FPN(features=features, conv=functools.partial(layers.conv, dtype=dtype))
+def build_fpn(features: int, dtype: jnp.dtype, relu_before_p7: bool = True) -> FPN:
+    """The FPN of ``features`` (``config.model.fpn_features``) channels; ``relu_before_p7``:
+    ``config.model.fpn_relu_before_p7``."""
+    return FPN(features=features, conv=functools.partial(layers.conv, dtype=dtype), relu_before_p7=relu_before_p7)
 
 
 def build_head(head_config: ml_collections.ConfigDict, num_classes: int, anchors_per_location: int,
@@ -126,7 +127,7 @@ def build_detector(config: ml_collections.ConfigDict, anchors_per_location: int,
     dtype = jnp.dtype(config.dtype)
     return ATSSDetector(
         backbone=build_backbone(config.backbone, dtype, axis_name),
-        fpn=build_fpn(config.fpn_features, dtype),
+        fpn=build_fpn(config.fpn_features, dtype, config.fpn_relu_before_p7),
         head=build_head(config.head, config.num_classes, anchors_per_location, dtype),
         input_channels=config.input_channels,
         pixel_mean=tuple(float(v) for v in config.pixel_mean),
