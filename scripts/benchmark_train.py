@@ -21,6 +21,7 @@ from ml_collections import config_flags
 from atss_jax import parallel, train_step
 from atss_jax.anchors import anchor_valid_mask, build_anchor_grid
 from atss_jax.assigners import AssignResult, build_assigner
+from scripts.benchmark_common import PEAK_TFLOPS, synthetic_batch
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Experiment config.")
 _BATCH = flags.DEFINE_integer("batch_per_device", 16, "Images per device.")
@@ -28,30 +29,12 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant (after one w
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of one device for MFU; default by device kind.")
 _OUT = flags.DEFINE_string("out", "benchmark_train.json", "JSON output.")
 
-# Dense peak TFLOP/s per device in the compute dtype the configs use.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0}
-
 
 def _peak_tflops() -> float | None:
     if _PEAK.value:
         return _PEAK.value
     kind = jax.devices()[0].device_kind
     return next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), None)
-
-
-def synthetic_batch(config, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A full batch: random images filling the canvas, max_boxes COCO-like boxes per image."""
-    height, width = config.data.canvas
-    boxes_count = config.data.max_boxes
-    size = np.exp(rng.uniform(np.log(8), np.log(min(height, width) * 0.8), (batch, boxes_count, 2)))
-    corner = rng.uniform(0, 1, (batch, boxes_count, 2)) * (np.array([width, height]) - size)
-    return {
-        "image": rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8),
-        "image_size": np.tile(np.array([height, width], np.int32), (batch, 1)),
-        "boxes": np.concatenate([corner, corner + size], -1).astype(np.float32),
-        "labels": rng.integers(0, config.model.num_classes, (batch, boxes_count)).astype(np.int32),
-        "box_valid": np.ones((batch, boxes_count), bool),
-    }
 
 
 def precomputed_assignment(grid, anchor_valid, batch) -> AssignResult:

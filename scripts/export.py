@@ -4,7 +4,9 @@ r"""Exports a training checkpoint for inference: model variables only (optionall
     python -m scripts.predict --export_dir=/tmp/demo_export image.jpg --out_dir=/tmp/predictions
 
 Needs only the workdir: the config and categories the run wrote there (no dataset, no pretrained
-weights, no optimiser state).
+weights, no optimiser state). Also writes the serving artifact (atss_jax/serving_export.py: the whole
+inference function serialised with jax.export, served with jax alone) and its contract, serving.json:
+a symbolic batch unless --serving_batch_sizes=1,8; --serving_platforms= (empty) leaves it out.
 """
 
 import jax
@@ -12,7 +14,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from atss_jax import checkpoint, workdirs
+from atss_jax import checkpoint, serving_export, workdirs
 from atss_jax.anchors import anchors_per_location
 from atss_jax.data import transforms
 from atss_jax.models.detector import abstract_variables, build_detector
@@ -23,11 +25,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Where to write the export.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BF16 = flags.DEFINE_bool("bf16", False, "Store the parameters in bfloat16.")
+_SERVING_BATCH_SIZES = flags.DEFINE_list("serving_batch_sizes", [], "Fixed batch sizes of the serving artifact "
+                                         "(one file each); empty: one artifact with a symbolic batch.")
+_SERVING_PLATFORMS = flags.DEFINE_list("serving_platforms", list(serving_export.DEFAULT_PLATFORMS),
+                                       "Platforms the serving artifact runs on; empty: no serving artifact.")
 flags.mark_flags_as_required(["workdir", "export_dir"])
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, export_dir: str, step: int | None = None,
-           bf16: bool = False) -> None:
+           bf16: bool = False, serving_batch_sizes: tuple[int, ...] = (),
+           serving_platforms: tuple[str, ...] = serving_export.DEFAULT_PLATFORMS) -> None:
     model = build_detector(config.model, anchors_per_location(config.anchors))
     abstract = abstract_variables(model, transforms.canvases(config.data)[0],
                                   jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
@@ -35,12 +42,15 @@ def export(config: ml_collections.ConfigDict, workdir: str, export_dir: str, ste
     category_ids, category_names = workdirs.read_categories(workdir)
     checkpoint.export_inference(export_dir, jax.device_get(restored.variables), config, category_ids, category_names,
                                 parameter_dtype="bfloat16" if bf16 else "float32")
+    if serving_platforms and jax.process_index() == 0:
+        serving_export.export_serving(export_dir, serving_batch_sizes, serving_platforms)
 
 
 def main(argv):
     del argv
     config = _CONFIG.value if _CONFIG.value is not None else workdirs.read_config(_WORKDIR.value)
-    export(config, _WORKDIR.value, _EXPORT_DIR.value, _STEP.value, _BF16.value)
+    export(config, _WORKDIR.value, _EXPORT_DIR.value, _STEP.value, _BF16.value,
+           tuple(int(b) for b in _SERVING_BATCH_SIZES.value), tuple(_SERVING_PLATFORMS.value))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}
 """
 
 
-@pytest.mark.parametrize("module", ["scripts.benchmark_train", "scripts.benchmark_dcn"])
+@pytest.mark.parametrize("module", ["scripts.benchmark_train", "scripts.benchmark_dcn", "scripts.benchmark_predict"])
 def test_benchmarks_import_without_tensorflow(module):
     result = subprocess.run([sys.executable, "-c", _BLOCKED_IMPORT, module], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)

@@ -84,7 +84,8 @@ def test_export_and_predict_command_lines(demo_run, tmp_path):
     with open(tmp_path / "out" / "detections.json") as f:
         (record,) = json.load(f)
     assert record["file"] == image
-    assert os.path.exists(tmp_path / "out" / (os.path.splitext(os.path.basename(image))[0] + ".png"))
+    assert os.path.exists(tmp_path / "out" / (os.path.basename(image) + ".png"))  # x.png -> x.png.png: no clash
+    assert os.path.exists(tmp_path / "export" / "serving.json")
 
 
 def test_visualise_assignment(demo_run, tmp_path):
