@@ -1,4 +1,4 @@
-"""ATSS losses: sigmoid focal loss, GIoU (or smooth-L1) box loss, centre-ness BCE.
+"""ATSS losses: sigmoid focal (or quality focal / varifocal) loss, GIoU (or smooth-L1) box loss, centre-ness BCE.
 
 Normalisers are counted over the whole global batch: with ``axis_name`` the positive count and the
 centre-ness sum are averaged over that named device axis (``pmean``, as mmdetection's
@@ -19,6 +19,9 @@ from atss_jax import boxes as box_lib
 from atss_jax.assigners.result import IGNORED
 
 BOX_LOSSES = ("giou", "smooth_l1")
+# "focal": hard one-hot targets; "quality_focal" (GFL) and "varifocal" (VarifocalNet): the positives' target is a
+# quality in [0, 1] (the assigner's soft target, else the IoU of the predicted box with its box).
+CLASSIFICATION_LOSSES = ("focal", "quality_focal", "varifocal")
 
 
 class LossTerms(NamedTuple):
@@ -38,6 +41,23 @@ def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float, gamm
     p_t = prob * targets + (1.0 - prob) * (1.0 - targets)
     alpha_t = alpha * targets + (1.0 - alpha) * (1.0 - targets)
     return alpha_t * (1.0 - p_t) ** gamma * cross_entropy
+
+
+def quality_focal_loss(logits: jax.Array, targets: jax.Array, beta: float) -> jax.Array:
+    """Elementwise QFL (Li et al. 2020): ``|y - sigmoid(x)|^beta * BCE(x, y)``; ``logits, targets [...] -> [...]``,
+    targets in [0, 1] (0 for every negative)."""
+    scale = jnp.abs(targets - jax.nn.sigmoid(logits)) ** beta
+    return scale * optax.losses.sigmoid_binary_cross_entropy(logits, targets)
+
+
+def varifocal_loss(logits: jax.Array, targets: jax.Array, alpha: float, gamma: float) -> jax.Array:
+    """Elementwise VFL (Zhang et al. 2021), IoU-weighted: ``logits, targets [...] -> [...]``, targets in [0, 1].
+
+    Positives (``y > 0``) weigh ``y * BCE``; the rest ``alpha * sigmoid(x)^gamma * BCE`` (mmdetection's
+    ``|sigmoid(x) - y|^gamma`` with y = 0).
+    """
+    weight = jnp.where(targets > 0.0, targets, alpha * jnp.abs(jax.nn.sigmoid(logits) - targets) ** gamma)
+    return weight * optax.losses.sigmoid_binary_cross_entropy(logits, targets)
 
 
 def centerness_targets(points: jax.Array, boxes: jax.Array) -> jax.Array:
@@ -72,6 +92,8 @@ def detection_losses(
     regression: str,
     use_centerness: bool,
     axis_name: str | None = None,
+    quality_targets: jax.Array | None = None,
+    box_coder: str = "official",
 ) -> LossTerms:
     """ATSS losses of one device's batch, given the assignment.
 
@@ -87,10 +109,15 @@ def detection_losses(
       gt_boxes: ``[B, G, 4]`` xyxy pixels; gt_labels: ``[B, G]`` int32 in 0..C-1.
       config: the ``loss`` section of the experiment config: ``box_loss`` ("giou" on decoded boxes or
         "smooth_l1" on deltas, ``"box"`` regression only), ``box_loss_weight``, ``focal_alpha``,
-        ``focal_gamma``, ``smooth_l1_beta``.
+        ``focal_gamma``, ``smooth_l1_beta``, ``classification`` (one of ``CLASSIFICATION_LOSSES``),
+        ``quality_beta`` (QFL), ``varifocal_alpha``, ``varifocal_gamma``.
       regression: "box" or "point" (``config.model.head.regression``).
       use_centerness: False drops the centre-ness branch and its weighting of the box loss.
       axis_name: named device axis for the global normalisers, or None on one device.
+      quality_targets: optional ``[B, A]`` soft targets in [0, 1] of a prediction-aware assigner, read by the
+        quality losses (``config.classification``) at positives; None = the IoU of each positive's predicted
+        (gradient-stopped) box with its box.
+      box_coder: how "box" deltas decode for the GIoU loss (``boxes.BOX_CODERS``, ``config.model.head.box_coder``).
 
     Returns:
       ``LossTerms``. A batch with no positives gives finite losses and gradients.
@@ -101,6 +128,8 @@ def detection_losses(
         raise ValueError(f"config.loss.box_loss={config.box_loss!r} is not one of {BOX_LOSSES}")
     if config.box_loss == "smooth_l1" and regression != "box":
         raise ValueError("config.loss.box_loss='smooth_l1' regresses deltas: it needs regression='box'")
+    if config.classification not in CLASSIFICATION_LOSSES:
+        raise ValueError(f"config.loss.classification={config.classification!r} is not one of {CLASSIFICATION_LOSSES}")
     num_classes = class_logits.shape[-1]
     positive = (gt_index >= 0) & anchor_valid
     counted = (gt_index != IGNORED) & anchor_valid  # positives and negatives: the focal loss's anchors
@@ -114,14 +143,23 @@ def detection_losses(
     num_positives = global_mean(jnp.sum(positive).astype(jnp.float32))
     positive_normaliser = jnp.maximum(num_positives, 1.0)
 
-    targets = jax.nn.one_hot(matched_labels, num_classes) * positive[..., None]
-    focal = sigmoid_focal_loss(class_logits, targets, config.focal_alpha, config.focal_gamma)
-    classification = jnp.sum(jnp.where(counted[..., None], focal, 0.0)) / positive_normaliser
+    predicted = box_lib.decode_regression(regression, anchors, anchor_strides, box_regression, box_coder)
+    one_hot = jax.nn.one_hot(matched_labels, num_classes) * positive[..., None]
+    if config.classification == "focal":
+        per_class = sigmoid_focal_loss(class_logits, one_hot, config.focal_alpha, config.focal_gamma)
+    else:
+        if quality_targets is None:
+            quality_targets = box_lib.elementwise_iou(jax.lax.stop_gradient(predicted), matched_boxes)
+        soft = one_hot * jnp.where(positive, quality_targets, 0.0)[..., None]
+        if config.classification == "quality_focal":
+            per_class = quality_focal_loss(class_logits, soft, config.quality_beta)
+        else:
+            per_class = varifocal_loss(class_logits, soft, config.varifocal_alpha, config.varifocal_gamma)
+    classification = jnp.sum(jnp.where(counted[..., None], per_class, 0.0)) / positive_normaliser
 
     points = box_lib.box_centers(anchors)
     center_target = jnp.where(positive, centerness_targets(points, matched_boxes), 0.0)
     if config.box_loss == "giou":
-        predicted = box_lib.decode_regression(regression, anchors, anchor_strides, box_regression)
         per_anchor = 1.0 - box_lib.elementwise_giou(predicted, matched_boxes)
     else:
         target_deltas = box_lib.encode_deltas(anchors, matched_boxes)

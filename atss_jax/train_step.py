@@ -21,17 +21,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from etils import epath
 
-from atss_jax import losses, optim, parallel
+from atss_jax import boxes as box_lib
+from atss_jax import init_from, losses, optim, parallel
 from atss_jax.anchors import AnchorGrid, anchor_valid_mask, anchors_per_location, build_anchor_grid
-from atss_jax.assigners import AssignResult, build_assigner
+from atss_jax.assigners import AssignResult, Predictions, SoftAssignment, build_assigner, is_prediction_aware
 from atss_jax.data.canvas import canvases
 from atss_jax.models import caffe2_import
 from atss_jax.models.detector import build_detector, frozen_parameter_mask, init_detector
 from atss_jax.parallel import AXIS
 
-# (grid, anchor_valid [B, A], batch) -> the assignment of the batch's anchors.
-AssignBatch = Callable[[AnchorGrid, jax.Array, dict], AssignResult]
+# (grid, anchor_valid [B, A], batch) -> the assignment of the batch's anchors; a prediction-aware assigner is
+# also given `predictions=` (assigners.Predictions) and `step=` and returns an assigners.SoftAssignment.
+AssignBatch = Callable[..., AssignResult | SoftAssignment]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -54,7 +57,11 @@ def check_config(config: ml_collections.ConfigDict, num_categories: int) -> None
         raise ValueError(f"The dataset has {num_categories} categories but config.model.num_classes="
                          f"{config.model.num_classes}.")
     backbone = config.model.backbone
-    if backbone.norm == "frozen_bn" and not backbone.pretrained:
+    if backbone.pretrained and not epath.Path(backbone.pretrained).exists():
+        # Checked here, not when the weights load after a minute of building the model.
+        raise FileNotFoundError(f"config.model.backbone.pretrained={backbone.pretrained!r} does not exist: give the "
+                                "path of the converted weights (scripts/convert_torchvision.py, or a Detectron .pkl).")
+    if backbone.norm == "frozen_bn" and not backbone.pretrained and not config.init_from:
         raise ValueError("config.model.backbone.norm='frozen_bn' freezes BatchNorm at ImageNet statistics: it needs "
                          "config.model.backbone.pretrained (convert torchvision weights with "
                          "scripts/convert_torchvision.py, or give a Detectron .pkl as it is), or use norm='gn' or "
@@ -75,10 +82,15 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
                                         num_steps=config.train.num_steps)
 
 
-def assign_batch(grid: AnchorGrid, anchor_valid: jax.Array, batch: dict, *,
-                 config: ml_collections.ConfigDict) -> AssignResult:
-    """The configured assigner (``config.assigner``) on the batch's boxes: what training runs."""
-    return build_assigner(config.assigner, grid)(anchor_valid, batch["boxes"], batch["box_valid"])
+def assign_batch(grid: AnchorGrid, anchor_valid: jax.Array, batch: dict, *, config: ml_collections.ConfigDict,
+                 predictions: Predictions | None = None, step: jax.Array | None = None
+                 ) -> AssignResult | SoftAssignment:
+    """The configured assigner (``config.assigner``) on the batch's boxes: what training runs. A prediction-aware
+    one (``assigners.is_prediction_aware``) also reads ``predictions`` and the train ``step``."""
+    assign = build_assigner(config.assigner, grid)
+    if is_prediction_aware(config.assigner):
+        return assign(anchor_valid, batch["boxes"], batch["box_valid"], batch["labels"], predictions, step)
+    return assign(anchor_valid, batch["boxes"], batch["box_valid"])
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, config: ml_collections.ConfigDict,
@@ -87,19 +99,31 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, config: ml_col
     """One SGD step on one device's share of the batch (call it under shard_map over AXIS)."""
     grid = build_anchor_grid(config.anchors, batch["image"].shape[1:3])
     anchor_valid = anchor_valid_mask(grid.centers, batch["image_size"])
-    assignment = assign(grid, anchor_valid, batch)
+    anchors, anchor_strides = jnp.asarray(grid.boxes), jnp.asarray(grid.anchor_strides)
+    aware = is_prediction_aware(config.assigner)
+    # A prediction-aware assigner runs inside loss_fn, on the gradient-stopped outputs of its one forward pass.
+    assignment = None if aware else assign(grid, anchor_valid, batch)
 
     def loss_fn(params):
         outputs, new_model_state = model.apply({"params": params, **state.model_state}, batch["image"],
                                                batch["image_size"], train=True, mutable=["batch_stats"])
+        result, quality = assignment, None
+        if aware:
+            class_logits, box_regression, _ = jax.lax.stop_gradient(outputs)
+            predictions = Predictions(
+                scores=jax.nn.sigmoid(class_logits.astype(jnp.float32)),
+                boxes=box_lib.decode_regression(config.model.head.regression, anchors, anchor_strides,
+                                                box_regression.astype(jnp.float32), config.model.head.box_coder))
+            result, quality = assign(grid, anchor_valid, batch, predictions=predictions, step=state.step)
         terms = losses.detection_losses(
-            *outputs, anchors=jnp.asarray(grid.boxes), anchor_strides=jnp.asarray(grid.anchor_strides),
-            anchor_valid=anchor_valid, gt_index=assignment.gt_index, gt_boxes=batch["boxes"],
+            *outputs, anchors=anchors, anchor_strides=anchor_strides,
+            anchor_valid=anchor_valid, gt_index=result.gt_index, gt_boxes=batch["boxes"],
             gt_labels=batch["labels"], config=config.loss, regression=config.model.head.regression,
-            use_centerness=config.model.head.use_centerness, axis_name=AXIS)
-        return terms.total, (terms, new_model_state)
+            use_centerness=config.model.head.use_centerness, axis_name=AXIS, quality_targets=quality,
+            box_coder=config.model.head.box_coder)
+        return terms.total, (terms, new_model_state, result)
 
-    grads, (terms, new_model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, (terms, new_model_state, assignment) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(jax.lax.pmean(grads, AXIS), state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     model_state = {**state.model_state, **jax.lax.pmean(dict(new_model_state), AXIS)}
@@ -163,6 +187,7 @@ def create_training(config: ml_collections.ConfigDict) -> Training:
     canvas = canvases(config.data)[0]
     model = build_detector(config.model, anchors_per_location(config.anchors), axis_name=AXIS)
     variables = jax.device_get(init_detector(model, config.model, jax.random.key(config.seed), canvas))
+    variables = init_from.load_initial_variables(config, variables)
     params = variables.pop("params")
     optimizer = optim.make_optimizer(config.optimizer, learning_rate_schedule(config),
                                      frozen_parameter_mask(params, config.model.backbone.frozen_stages))

@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     # conv (Detectron's MSRA R-50/R-101 weights, which the official ATSS models start from).
     config.model.backbone.stride_in_1x1 = False
     config.model.fpn_features = 256
+    # P7 from ReLU(P6) (the official LastLevelP6P7); False: from P6 itself (mmdetection's FPN with
+    # add_extra_convs='on_output', relu_before_extra_convs=False).
+    config.model.fpn_relu_before_p7 = True
     config.model.head = ml_collections.ConfigDict()
     config.model.head.features = 256
     config.model.head.num_convs = 4
@@ -81,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.head.use_scales = True
     config.model.head.deformable_tower = False  # last conv of each tower is DCNv2 (the paper's DCN rows)
     config.model.head.prior_prob = 0.01  # initial foreground probability of the classifier (focal loss's prior)
+    # Decoding of "box" deltas (boxes.BOX_CODERS): "official" clamps the log-size deltas from above at
+    # log(1000/16); "mmdetection" (DeltaXYWHBBoxCoder) clamps them on both sides.
+    config.model.head.box_coder = "official"
 
     # atss_jax.losses.detection_losses.
     config.loss = ml_collections.ConfigDict()
@@ -89,12 +95,22 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.focal_alpha = 0.25  # focal loss weight of positives
     config.loss.focal_gamma = 2.0  # focal loss focusing exponent
     config.loss.smooth_l1_beta = 1.0 / 9.0  # where smooth-L1 turns from quadratic to linear (box_loss="smooth_l1")
+    # One of losses.CLASSIFICATION_LOSSES: "focal" (hard targets), "quality_focal" (GFL's QFL) or "varifocal"
+    # (VarifocalNet's VFL), the last two with a quality target at positives: the prediction-aware assigner's soft
+    # target, else the IoU of the predicted box with its box. model.head.use_centerness may be off with them.
+    config.loss.classification = "focal"
+    config.loss.quality_beta = 2.0  # QFL's |y - p|^beta
+    config.loss.varifocal_alpha = 0.75  # VFL's weight of negatives
+    config.loss.varifocal_gamma = 2.0  # VFL's p^gamma on negatives
 
     config.anchors = ml_collections.ConfigDict()
     config.anchors.strides = (8, 16, 32, 64, 128)
     config.anchors.octave_base_scale = 8.0
     config.anchors.scales = (1.0,)
     config.anchors.aspect_ratios = (1.0,)
+    # Anchor centres at ((x + center_offset) * stride, (y + center_offset) * stride): 0.5 as the official code
+    # (its inclusive-pixel anchors), 0 as mmdetection's AnchorGenerator.
+    config.anchors.center_offset = 0.5
 
     config.assigner = ml_collections.ConfigDict()
     # One of atss_jax.assigners.ASSIGNERS.
@@ -115,8 +131,43 @@ def get_config() -> ml_collections.ConfigDict:
     # fcos and fcos_center_sampling.
     config.assigner.regress_ranges = ((0.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, math.inf))
     config.assigner.center_sampling_radius = 1.5
+    # Prediction-aware assigners (atss_jax.assigners.PREDICTION_AWARE) read the gradient-stopped class scores and
+    # decoded boxes. Before step warmup_assigner_steps they are replaced by ATSS (topk above), as TOOD's first
+    # epochs (4 of 12 = 30k of 90k steps); 0 = from the start.
+    config.assigner.warmup_assigner_steps = 0
+    # tal (TOOD): alignment t = score^alpha * IoU^beta, the topk anchors of highest t per box are candidates.
+    config.assigner.tal_topk = 13
+    config.assigner.tal_alpha = 1.0
+    config.assigner.tal_beta = 6.0
+    # simota (YOLOX): cost = cls_weight * BCE + iou_weight * -log IoU (+1e5 outside the box and its centre region
+    # of center_radius strides); each box takes floor(sum of its candidate_topk largest IoUs) anchors, at least 1.
+    config.assigner.simota_center_radius = 2.5
+    config.assigner.simota_candidate_topk = 10
+    config.assigner.simota_iou_weight = 3.0
+    config.assigner.simota_cls_weight = 1.0
+    # ota: optimal transport from the boxes (dynamic k units each: floor(sum of candidate_topk IoUs)) and the
+    # background to the anchors; cost = focal + iou_weight * GIoU loss (+1e6 outside the centre prior of center_radius
+    # strides), `iterations` log-domain Sinkhorn steps at `epsilon` (the official code's 20, 3, 0.1, 50).
+    config.assigner.ota_center_radius = 2.5
+    config.assigner.ota_candidate_topk = 20
+    config.assigner.ota_iou_weight = 3.0
+    config.assigner.ota_epsilon = 0.1
+    config.assigner.ota_iterations = 50
+    # paa: per box and level the paa_topk initial (IoU >= 0.1) positives of lowest focal + paa_box_weight * GIoU loss
+    # are split by a two-Gaussian mixture fitted in paa_em_iterations EM steps; the low-loss component's are positive.
+    config.assigner.paa_topk = 9
+    config.assigner.paa_box_weight = 1.3
+    config.assigner.paa_em_iterations = 30
+    # ota and paa: the focal loss in their costs.
+    config.assigner.cost_focal_alpha = 0.25
+    config.assigner.cost_focal_gamma = 2.0
 
     config.seed = 0  # initialisation, data order and augmentation
+    # Fine-tuning (atss_jax/init_from.py): a detector's workdir (a training's, or scripts/import_checkpoint.py's)
+    # whose latest weights start this training where path and shape match ("" = none; a resumed run keeps its
+    # own checkpoint). With init_from_class_map the class layer's rows of categories shared by name load too.
+    config.init_from = ""
+    config.init_from_class_map = False
     # Whose training recipe the config follows (say it in the config's docstring):
     #   "mmdetection": mmdetection's ATSS: torchvision ImageNet weights (RGB, torchvision's mean and std, stride
     #     in the 3x3 conv), one rate and weight decay for every parameter, linear warmup; here with the official
@@ -133,6 +184,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_every = 0  # 0: evaluate at the end only
     config.train.checkpoint_every = 2_000
     config.train.max_checkpoints_to_keep = 3
+    # Divergence: training stops (and no checkpoint of the diverged steps is kept) when the mean loss of the steps
+    # since the last log or checkpoint exceeds this factor x the lowest such mean of the run so far; 0: only a
+    # non-finite loss stops it.
+    config.train.divergence_factor = 10.0
     # A jax.profiler trace of this many steps from profile_first_step (after compilation) into
     # workdir/plugins/profile, for TensorBoard's Profile tab; 0 = no trace.
     config.train.profile_steps = 0
@@ -168,6 +223,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.pre_nms_topk = 1000
     config.eval.nms_iou_threshold = 0.6
     config.eval.max_detections = 100
+    # postprocess.SCORE_RULES: "official" ranks candidates by class_prob * centerness and scores them
+    # sqrt(class_prob * centerness); "mmdetection" ranks by class_prob, scores class_prob * centerness and drops
+    # boxes of zero width or height (its min_bbox_size=0).
+    config.eval.score_rule = "official"
     config.eval.num_images_to_draw = 4
     config.eval.draw_score_threshold = 0.3
     # Test-time augmentation (atss_jax/tta.py), the official TEST.BBOX_AUG (defaults as its defaults.py, off).
@@ -200,6 +259,18 @@ def with_dcnv2(config: ml_collections.ConfigDict, stages: tuple[int, ...] = (2, 
     for R-50 and R-101; C4-C5, ``(3, 4)``, for X-101."""
     config.model.backbone.deformable_stages = stages
     config.model.head.deformable_tower = True
+    return config
+
+
+def with_prediction_aware_assigner(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """``config`` with the prediction-aware assigner ``name`` (assigners.PREDICTION_AWARE), trained as GFL/TOOD train
+    theirs: Quality Focal Loss on the assigner's soft targets, no centre-ness branch; TAL starts from ATSS for the
+    first third of the schedule (TOOD: 4 of 12 epochs)."""
+    config.assigner.name = name
+    config.loss.classification = "quality_focal"
+    config.model.head.use_centerness = False
+    if name == "tal":
+        config.assigner.warmup_assigner_steps = config.train.num_steps // 3
     return config
 
 

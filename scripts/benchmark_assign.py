@@ -12,6 +12,11 @@ interleaved in one process after checking that all give the same assignment; med
                        mmdetection's ATSSAssigner design), written here in numpy;
   * numpy per box    - one image and one box at a time (the loop reference of the tests).
 
+Then each prediction-aware strategy (``--strategies``: tal, simota, ota, paa) on random predictions for the
+same boxes: jitted and batched against mmdetection 3.3.0's per-image assigner where it has one
+(TaskAlignedAssigner, SimOTAAssigner; a Python loop over the images, as its heads run it), interleaved, with
+the share of anchors on which they agree and the positives per box.
+
 Usage (from the repository root):
   python -m scripts.benchmark_assign --config=configs/base.py --batch=16 --num_boxes=100
   python -m scripts.benchmark_assign --config=configs/base.py --config.assigner.topk=7 --nine_anchors
@@ -32,7 +37,8 @@ from etils import epath
 from ml_collections import config_flags
 
 from atss_jax.anchors import AnchorGrid, anchor_valid_mask, make_anchor_grid
-from atss_jax.assigners import atss_grid, build_assigner
+from atss_jax.assigners import PREDICTION_AWARE, Predictions, atss_grid, build_assigner
+from tests.prediction_cases import full_gt_index, mmdet_inputs
 from tests.reference_assigners import atss_reference
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Experiment config.")
@@ -45,6 +51,7 @@ _LOOP_IMAGES = flags.DEFINE_integer(
     "loop_images", 2, "Images timed for the per-box loop (scaled to the batch); 0 skips it."
 )
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+_STRATEGIES = flags.DEFINE_list("strategies", list(PREDICTION_AWARE), "Prediction-aware assigners to time too.")
 
 
 def coco_like_boxes(rng: np.random.Generator, batch: int, num_boxes: int, canvas: tuple[int, int]) -> np.ndarray:
@@ -96,6 +103,85 @@ def atss_per_image_numpy(
     claimed = np.full(ious.shape, -np.inf, np.float32)
     claimed[np.broadcast_to(box_ids, positive.shape)[positive], candidates[positive]] = candidate_ious[positive]
     return np.where(claimed.max(0) > -np.inf, claimed.argmax(0), -1)
+
+
+def _mmdet_assigner(name: str) -> Callable[..., np.ndarray] | None:
+    """mmdetection's per-image assigner of strategy ``name`` (None where it has none) as
+    ``(grid, anchor_valid [A], gt_boxes [G, 4], gt_labels [G], scores [A, C], pred_boxes [A, 4]) -> gt_index [A]``,
+    with the settings of configs/base.py."""
+    if name not in ("tal", "simota"):
+        return None
+    from scripts import mmdet_peer
+
+    mmdet_peer.import_mmdet()
+    from mmdet.models.task_modules.assigners import SimOTAAssigner, TaskAlignedAssigner
+
+    def assign(grid, anchor_valid, gt_boxes, gt_labels, scores, pred_boxes):
+        gt_valid = np.ones(len(gt_boxes), bool)
+        if name == "tal":
+            priors = None
+        else:  # YOLOX's points and strides
+            strides = np.asarray(grid.anchor_strides, np.float32)[:, None]
+            priors = np.concatenate([grid.centers, strides, strides], -1).astype(np.float32)
+        pred, gts, inside = mmdet_inputs(grid.boxes, anchor_valid, gt_boxes, gt_valid, gt_labels, scores, pred_boxes,
+                                         priors=priors)
+        assigner = TaskAlignedAssigner(topk=13) if name == "tal" else SimOTAAssigner(center_radius=2.5)
+        return full_gt_index(assigner.assign(pred, gts).gt_inds.numpy(), inside, len(grid.boxes))
+
+    return assign
+
+
+def _time_strategies(config, grid: AnchorGrid, anchor_valid: np.ndarray, gt_boxes: np.ndarray,
+                     gt_valid: np.ndarray) -> list[dict]:
+    """Each strategy of ``--strategies``: jax batched against mmdetection per image, interleaved; one row each."""
+    rng = np.random.default_rng(1)
+    batch, num_anchors = anchor_valid.shape
+    num_classes = config.model.num_classes
+    gt_labels = rng.integers(0, num_classes, gt_valid.shape).astype(np.int32)
+    scores = rng.uniform(0.0, 1.0, (batch, num_anchors, num_classes)).astype(np.float32)
+    # Predicted boxes near the anchors: corners moved by a quarter of the anchor's size.
+    jitter = rng.normal(0.0, 0.25, (batch, num_anchors, 4)) * np.tile(grid.boxes[:, 2:] - grid.boxes[:, :2], 2)
+    corners = (grid.boxes + jitter).reshape(batch, num_anchors, 2, 2)
+    pred_boxes = np.concatenate([corners.min(axis=2), corners.max(axis=2)], -1).astype(np.float32)
+    rows = []
+    for name in _STRATEGIES.value:
+        if name not in PREDICTION_AWARE:
+            raise SystemExit(f"--strategies: {name!r} is not one of {PREDICTION_AWARE}")
+        with config.unlocked():
+            config.assigner.name, config.assigner.warmup_assigner_steps = name, 0
+        args = jax.device_put((anchor_valid, gt_boxes, gt_valid, gt_labels, Predictions(scores, pred_boxes), 0))
+        start = time.perf_counter()
+        compiled = jax.jit(build_assigner(config.assigner, grid)).lower(*args).compile()
+        compile_s = time.perf_counter() - start
+        soft = compiled(*args)
+        jax_index = np.asarray(soft.result.gt_index)
+        mmdet = _mmdet_assigner(name)
+
+        def run_mmdet(mmdet=mmdet):
+            return np.stack([mmdet(grid, anchor_valid[i], gt_boxes[i], gt_labels[i], scores[i], pred_boxes[i])
+                             for i in range(batch)])
+
+        agreement = float(np.mean(run_mmdet() == jax_index)) if mmdet else None
+        jax_times, mmdet_times = [], []
+        for _ in range(_REPEATS.value):
+            jax_times.append(_time(lambda args=args, compiled=compiled: compiled(*args).result.gt_index))
+            if mmdet:
+                mmdet_times.append(_time(run_mmdet))
+        rows.append(dict(
+            strategy=name, jax_s=statistics.median(jax_times), compile_s=compile_s,
+            mmdet_per_image_s=statistics.median(mmdet_times) if mmdet else None, agreement=agreement,
+            positives_per_box=float(np.mean(np.asarray(soft.result.num_positives)[gt_valid]))))
+    print(f"\nPrediction-aware assigners: the same batch, {num_classes} classes, random scores, predicted boxes "
+          "near the anchors")
+    print(f"{'strategy':<10} {'jax ms':>10} {'mmdet/image ms':>15} {'x jax':>8} {'agree':>8} {'pos/box':>8} "
+          f"{'compile s':>10}")
+    for row in rows:
+        mmdet_ms = row["mmdet_per_image_s"]
+        print(f"{row['strategy']:<10} {row['jax_s'] * 1e3:>10.1f} "
+              + (f"{mmdet_ms * 1e3:>15.1f} {mmdet_ms / row['jax_s']:>7.1f}x {row['agreement']:>8.4f}" if mmdet_ms
+                 else f"{'-':>15} {'-':>8} {'-':>8}")
+              + f" {row['positives_per_box']:>8.2f} {row['compile_s']:>10.2f}")
+    return rows
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -282,10 +368,11 @@ def main(argv: list[str]) -> None:
     )
     if loop_images and loop_images < batch:
         print(f"(numpy per box: {loop_images} of {batch} images timed, scaled; numpy peaks: one image)")
+    strategies = _time_strategies(config, grid, anchor_valid, gt_boxes, gt_valid) if _STRATEGIES.value else []
     if _JSON.value:
         summary = dict(batch=batch, canvas=canvas, anchors=grid.num_anchors, boxes=num_boxes, topk=topk)
         summary.update(rows=rows, floor_bytes=floor_bytes, copy_bandwidth=bandwidth, floor_s=floor_s)
-        summary.update(grid_path_peak_bytes=path_bytes, grid_path_bytes_accessed=path_accessed)
+        summary.update(grid_path_peak_bytes=path_bytes, grid_path_bytes_accessed=path_accessed, strategies=strategies)
         epath.Path(_JSON.value).write_text(json.dumps(summary, indent=2))
 
 
