@@ -19,11 +19,14 @@ import json
 from collections.abc import Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from etils import epath
 
-from atss_jax import serving
+from atss_jax import checkpoint, serving, workdirs
+from atss_jax.anchors import anchors_per_location
 from atss_jax.data.canvas import canvases
+from atss_jax.models.detector import abstract_variables, build_detector
 
 ARTIFACT_DIR = "serving"
 CONTRACT_FILE = "serving.json"
@@ -92,3 +95,19 @@ def export_serving(export_dir: str, batch_sizes: Sequence[int] = (),
     (epath.Path(export_dir) / CONTRACT_FILE).write_text(json.dumps(contract, indent=1))
     return contract
 
+
+def export_workdir(config: ml_collections.ConfigDict, workdir: str, export_dir: str, step: int | None = None,
+                   bf16: bool = False, serving_batch_sizes: tuple[int, ...] = (),
+                   serving_platforms: tuple[str, ...] = DEFAULT_PLATFORMS) -> None:
+    """Exports a training workdir's checkpoint (``step``, default the latest) for inference into ``export_dir``: the
+    model variables (``bf16``: stored as bfloat16), ``config`` and the categories (`checkpoint.export_inference`),
+    then the serving artifact for ``serving_platforms`` (none when empty) and ``serving_batch_sizes``."""
+    model = build_detector(config.model, anchors_per_location(config.anchors))
+    abstract = abstract_variables(model, canvases(config.data)[0],
+                                  jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    restored = checkpoint.restore_variables(workdir, abstract, step)
+    category_ids, category_names = workdirs.read_categories(workdir)
+    checkpoint.export_inference(export_dir, jax.device_get(restored.variables), config, category_ids, category_names,
+                                parameter_dtype="bfloat16" if bf16 else "float32")
+    if serving_platforms and jax.process_index() == 0:
+        export_serving(export_dir, serving_batch_sizes, serving_platforms)

@@ -9,15 +9,10 @@ inference function serialised with jax.export, served with jax alone) and its co
 a symbolic batch unless --serving_batch_sizes=1,8; --serving_platforms= (empty) leaves it out.
 """
 
-import jax
-import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from atss_jax import checkpoint, serving_export, workdirs
-from atss_jax.anchors import anchors_per_location
-from atss_jax.data import transforms
-from atss_jax.models.detector import abstract_variables, build_detector
+from atss_jax import serving_export, workdirs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Default: the workdir's config.json (the config the run "
                                           "was trained with).")
@@ -32,25 +27,11 @@ _SERVING_PLATFORMS = flags.DEFINE_list("serving_platforms", list(serving_export.
 flags.mark_flags_as_required(["workdir", "export_dir"])
 
 
-def export(config: ml_collections.ConfigDict, workdir: str, export_dir: str, step: int | None = None,
-           bf16: bool = False, serving_batch_sizes: tuple[int, ...] = (),
-           serving_platforms: tuple[str, ...] = serving_export.DEFAULT_PLATFORMS) -> None:
-    model = build_detector(config.model, anchors_per_location(config.anchors))
-    abstract = abstract_variables(model, transforms.canvases(config.data)[0],
-                                  jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-    restored = checkpoint.restore_variables(workdir, abstract, step)
-    category_ids, category_names = workdirs.read_categories(workdir)
-    checkpoint.export_inference(export_dir, jax.device_get(restored.variables), config, category_ids, category_names,
-                                parameter_dtype="bfloat16" if bf16 else "float32")
-    if serving_platforms and jax.process_index() == 0:
-        serving_export.export_serving(export_dir, serving_batch_sizes, serving_platforms)
-
-
 def main(argv):
     del argv
     config = _CONFIG.value if _CONFIG.value is not None else workdirs.read_config(_WORKDIR.value)
-    export(config, _WORKDIR.value, _EXPORT_DIR.value, _STEP.value, _BF16.value,
-           tuple(int(b) for b in _SERVING_BATCH_SIZES.value), tuple(_SERVING_PLATFORMS.value))
+    serving_export.export_workdir(config, _WORKDIR.value, _EXPORT_DIR.value, _STEP.value, _BF16.value,
+                                  tuple(int(b) for b in _SERVING_BATCH_SIZES.value), tuple(_SERVING_PLATFORMS.value))
 
 
 if __name__ == "__main__":

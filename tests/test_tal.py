@@ -17,7 +17,7 @@ from atss_jax.assigners import Predictions, build_assigner
 from atss_jax.assigners.tal import tal_assign
 from configs import base, demo
 from scripts import mmdet_peer
-from scripts.benchmark_train import synthetic_batch
+from scripts.benchmark_common import synthetic_batch
 from tests.prediction_cases import NUM_CLASSES, full_gt_index, mmdet_inputs, random_case
 
 

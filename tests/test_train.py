@@ -160,7 +160,7 @@ def test_sigterm_requests_a_stop(tmp_path):
 
 
 def test_export_detector_predicts_what_evaluation_detected(tiny_trainings, tmp_path):
-    from scripts import export
+    from atss_jax import serving_export
 
     data_dir, workdirs = tiny_trainings
     config = _config(data_dir)
@@ -168,7 +168,7 @@ def test_export_detector_predicts_what_evaluation_detected(tiny_trainings, tmp_p
     evaluator.evaluate_checkpoint(config, workdirs[1])
     with open(os.path.join(workdirs[1], "eval", "step_3", "detections_host0.json")) as f:
         evaluated = json.load(f)
-    export.export(config, workdirs[1], str(tmp_path / "export"))
+    serving_export.export_workdir(config, workdirs[1], str(tmp_path / "export"))
     detector = Detector(str(tmp_path / "export"), batch_size=2)
     image_dir = os.path.join(synthetic.source_dir(config.data.synthetic, data_dir), "images", "validation")
     files = sorted(os.listdir(image_dir))[:3]
