@@ -48,8 +48,8 @@ def batched_nms(
 
     Boxes of different classes never suppress each other. Candidates are visited in decreasing score
     (ties: lower index first); a candidate is kept unless a kept box of its class overlaps it with
-    IoU > ``iou_threshold``. Stops after ``max_detections`` keeps. Memory is O(N): each kept box
-    suppresses the rest through one IoU row, so no ``[N, N]`` matrix is built.
+    IoU > ``iou_threshold``. Stops after ``max_detections`` keeps or the last valid candidate. Memory is
+    O(N): each kept box suppresses the rest through one IoU row, so no ``[N, N]`` matrix is built.
 
     Args:
       boxes: ``[N, 4]`` float32 xyxy.
@@ -75,9 +75,11 @@ def batched_nms(
         kept = jnp.where(keep, kept.at[jnp.minimum(count, max_detections - 1)].set(position), kept)
         return position + 1, count + keep.astype(jnp.int32), suppressed, kept
 
+    num_valid = jnp.sum(valid)  # sorted first: past them nothing can be kept, so the loop stops there
+
     def unfinished(state):
         position, count, _, _ = state
-        return (position < num) & (count < max_detections)
+        return (position < num_valid) & (count < max_detections)
 
     init = (jnp.int32(0), jnp.int32(0), jnp.zeros((num,), bool), jnp.zeros((max_detections,), jnp.int32))
     _, count, _, kept = jax.lax.while_loop(unfinished, visit, init)

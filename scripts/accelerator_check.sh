@@ -32,8 +32,10 @@
 # without running, to exercise the fallback; the CI test uses it).
 set -uo pipefail
 
-# What the device lacks for the benchmark path (flax, optax, orbax, absl-py, etils, PyYAML are there).
-WHEELS=(ml_collections==1.1.0)
+# What the device lacks for the benchmark path (flax, optax, orbax, absl-py, etils, PyYAML are there), then for
+# the peer: mmdetection and what it imports that the device's image (torch, opencv, scipy, matplotlib) lacks.
+WHEELS=(ml_collections==1.1.0 mmdet==3.3.0 mmengine==0.10.7 mmcv-lite==2.2.0 pycocotools==2.0.11 shapely==2.2.0
+        terminaltables==3.1.10 addict==2.4.0 termcolor==3.3.0 yapf==0.43.0 platformdirs==4.14.9)
 # Modules the benchmark path imports; a missing one makes the run install .whl/.
 REQUIRED=(jax flax optax absl etils yaml numpy ml_collections)
 WHEEL_LIMIT_MIB=40
@@ -195,7 +197,7 @@ else
   PREDICT_FLAGS=()
 fi
 STEPS=(train_bfloat16 train_float32 dcn_bfloat16 peer predict)
-declare -A WEIGHT=([train_bfloat16]=130 [train_float32]=130 [dcn_bfloat16]=45 [peer]=100 [predict]=45)
+declare -A WEIGHT=([train_bfloat16]=160 [train_float32]=130 [dcn_bfloat16]=30 [peer]=90 [predict]=40)
 declare -A SCRIPT=([train_bfloat16]=benchmark_train [train_float32]=benchmark_train [dcn_bfloat16]=benchmark_dcn
                    [peer]=benchmark_peer [predict]=benchmark_predict)
 

@@ -29,6 +29,7 @@ from atss_jax import checkpoint, serving_export
 from atss_jax.anchors import anchors_per_location
 from atss_jax.models.detector import build_detector, init_detector
 from atss_jax.serving import Detector
+from scripts import benchmark_common
 from scripts.benchmark_common import PEAK_TFLOPS
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config of the randomly initialised model "
@@ -128,10 +129,10 @@ def run_rows(detector: Detector, export_dir: str, artifacts: dict, batches: list
         images = rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
         sizes = np.tile(np.array([[height, width]], np.int32), (batch, 1))
         start = time.perf_counter()
-        compiled = call.lower(images, sizes).compile()
+        lowered = call.lower(images, sizes)
+        compiled = lowered.compile()
         compile_artifact = time.perf_counter() - start
-        cost = compiled.cost_analysis()
-        flops = float((cost[0] if isinstance(cost, list) else cost or {}).get("flops", 0.0)) or None
+        flops = benchmark_common.flops(lowered, compiled)
         global_images = np.concatenate([images] * jax.local_device_count())
         global_sizes = np.concatenate([sizes] * jax.local_device_count())
         paths = {"artifact": lambda c=compiled, i=images, s=sizes: jax.device_get(c(i, s)),

@@ -6,8 +6,12 @@ outside the code paths the CPU comparison runs:
   is passed by reporting 2.1.0 for the duration of the import (the Python API mmdetection uses did not
   change between the two).
 - mmcv-lite ships `mmcv.ops` without its compiled `mmcv._ext`: the ops are loaded through a stand-in
-  extension whose `nms` is a pure-PyTorch greedy NMS (post-processing needs it) and whose other
-  functions raise, naming the op, if anything ever calls them (ATSS R-50 on a CPU does not).
+  extension whose `nms` is a pure-PyTorch greedy NMS (torchvision's CUDA kernel for CUDA tensors, where
+  torchvision is installed; post-processing needs it) and whose other functions raise, naming the op, if
+  anything ever calls them (ATSS R-50 on a CPU does not). On a GPU, mmdetection's FocalLoss would call
+  mmcv's CUDA focal-loss kernel: it is given mmdetection's own pure-PyTorch focal loss instead (what its
+  CPU path runs; the same values), so a GPU timing of this peer is slower than full mmcv by that kernel's
+  advantage on the classification loss.
 """
 
 from __future__ import annotations
@@ -28,11 +32,16 @@ def _greedy_nms(boxes, scores, iou_threshold: float, offset: int = 0):
     """
     import torch
 
+    if boxes.is_cuda and offset == 0:
+        with contextlib.suppress(ImportError):
+            import torchvision
+
+            return torchvision.ops.nms(boxes, scores, float(iou_threshold))
     order = torch.argsort(scores, descending=True, stable=True)
     boxes = boxes[order]
     x1, y1, x2, y2 = boxes.unbind(-1)
     areas = (x2 - x1 + offset) * (y2 - y1 + offset)
-    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    suppressed = torch.zeros(len(order), dtype=torch.bool, device=boxes.device)
     keep = []
     for i in range(len(order)):
         if suppressed[i]:
@@ -43,7 +52,20 @@ def _greedy_nms(boxes, scores, iou_threshold: float, offset: int = 0):
         inter = w * h
         iou = inter / (areas[i] + areas[i + 1:] - inter)
         suppressed[i + 1:] |= iou > iou_threshold
-    return order[torch.tensor(keep, dtype=torch.long)]
+    return order[torch.tensor(keep, dtype=torch.long, device=boxes.device)]
+
+
+def _pure_torch_sigmoid_focal_loss(pred, target, weight=None, gamma=2.0, alpha=0.25, reduction="mean",
+                                   avg_factor=None):
+    """mmdetection's `sigmoid_focal_loss` contract (labels [N], background = C) through its pure-PyTorch
+    `py_sigmoid_focal_loss` on one-hot targets, as its FocalLoss does for CPU tensors."""
+    from mmdet.models.losses import focal_loss
+    from torch.nn import functional
+
+    num_classes = pred.size(1)
+    one_hot = functional.one_hot(target, num_classes=num_classes + 1)[:, :num_classes].type_as(pred)
+    return focal_loss.py_sigmoid_focal_loss(pred, one_hot, weight, gamma=gamma, alpha=alpha, reduction=reduction,
+                                            avg_factor=avg_factor)
 
 
 class _StandInExtension(types.ModuleType):
@@ -92,6 +114,7 @@ def import_mmdet() -> types.ModuleType:
     if mmdet.__version__ != MMDET_VERSION:
         raise ImportError(f"The peer is checked against mmdetection {MMDET_VERSION}, found {mmdet.__version__}")
     importlib.import_module("mmdet.models")
+    importlib.import_module("mmdet.models.losses.focal_loss").sigmoid_focal_loss = _pure_torch_sigmoid_focal_loss
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=True)

@@ -1,6 +1,7 @@
 """Fine-tuning from a detector (config.init_from): every layer of the same shape loads, the class layer of another
 number of classes starts at the focal prior, shared categories keep their rows by name, and training runs."""
 
+import json
 import math
 import os
 import subprocess
@@ -98,3 +99,23 @@ def test_fine_tuning_runs(synthetic_data_config, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Initialised from" in result.stderr
     assert os.path.exists(tmp_path / "run" / "finished.json")
+
+
+def test_compare_finetune_writes_its_table(synthetic_data_config, tmp_path):
+    shapes = ("rectangle", "ellipse", "triangle", "cross")
+    source, _ = source_workdir(synthetic_data_config, tmp_path / "source", shapes)
+    command = [sys.executable, "-m", "scripts.compare_finetune", f"--source={source}", f"--root={tmp_path / 'cmp'}",
+               "--steps=1", "--num_train=8", "--num_validation=4", "--classes=triangle,rectangle",
+               "--config.optimizer.base_lr=0.001"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "cmp" / "compare_finetune.md").read_text()
+    assert all(f"| {run} |" in table for run in ("scratch", "init_from", "class_map"))
+    configs = {run: json.loads((tmp_path / "cmp" / run / "config.json").read_text())
+               for run in ("scratch", "class_map")}
+    assert configs["scratch"]["init_from"] == "" and configs["class_map"]["init_from"] == source
+    assert configs["class_map"]["optimizer"]["base_lr"] == 0.001 and configs["class_map"]["model"]["num_classes"] == 2
+    annotations = json.loads((tmp_path / "cmp" / "data" / "finetune_triangle_rectangle_8_1" / "annotations" /
+                              "instances_train.json").read_text())
+    assert [c["name"] for c in annotations["categories"]] == ["triangle", "rectangle"]
+    assert {a["category_id"] for a in annotations["annotations"]} <= {1, 2}

@@ -218,3 +218,24 @@ def test_variables_restore_for_evaluation_falls_back_past_a_deleted_file(tiny_tr
         np.testing.assert_array_equal(a, b)
     with pytest.raises(checkpoint.CheckpointError, match="checkpoints/3 cannot be restored"):
         checkpoint.restore_variables(workdir, abstract_variables(model, tuple(config.data.canvas)), step=3)
+
+
+def test_sigterm_stops_an_export_and_the_rerun_writes_a_complete_one(tiny_trainings, tmp_path):
+    _, workdirs = tiny_trainings
+    export_dir = tmp_path / "export"
+    args = ["-m", "scripts.export", f"--workdir={workdirs[1]}", f"--export_dir={export_dir}", "--serving_platforms=cpu"]
+    process = _start(args, tmp_path / "stderr")
+    deadline = time.monotonic() + 300
+    while not export_dir.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # mid-export: its folder exists, the variables are being written
+    process.stdout.read()
+    # Killed by the signal (the default action, nothing holds it back): -15 from Popen, 143 from a shell.
+    assert process.wait(timeout=60) == -signal.SIGTERM, (tmp_path / "stderr").read_text()[-3000:]
+    assert not (export_dir / "serving.json").exists()  # the contract is written last: no half export looks whole
+    rerun = _start(args, tmp_path / "stderr2")
+    rerun.stdout.read()
+    assert rerun.wait(timeout=300) == 0, (tmp_path / "stderr2").read_text()[-3000:]
+    contract = json.loads((export_dir / "serving.json").read_text())
+    assert (export_dir / contract["artifacts"][0]["file"]).stat().st_size > 0
+    assert (export_dir / checkpoint.EXPORT_CONFIG).exists()

@@ -111,7 +111,7 @@ def _overlap(x, y, w, h, ox, oy, ow, oh) -> float:
     return iw * ih / min(w * h, ow * oh)
 
 
-def _source_paths(directory: epath.Path) -> dict[str, tuple[str, str]]:
+def source_paths(directory: epath.Path) -> dict[str, tuple[str, str]]:
     """split -> (annotation JSON, image folder) of the COCO-format files in ``directory``."""
     return {split: (str(directory / "annotations" / f"instances_{split}.json"), str(directory / "images" / split))
             for split in _SPLIT_SALT}
@@ -120,7 +120,7 @@ def _source_paths(directory: epath.Path) -> dict[str, tuple[str, str]]:
 def write_coco(directory: str | epath.PathLike, config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
     """Writes images/<split>/*.jpg and annotations/instances_<split>.json (``directory`` may be a bucket);
     returns split -> (json, folder)."""
-    paths = _source_paths(epath.Path(directory))
+    paths = source_paths(epath.Path(directory))
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
     for split, count in (("train", config.num_train), ("validation", config.num_validation)):
         annotation_path, image_dir = (epath.Path(p) for p in paths[split])
@@ -158,7 +158,7 @@ def prepare(config: ml_collections.ConfigDict, data_dir: str | None) -> None:
         coco_format.prepare(name, {split: p[0] for split, p in paths.items()},
                             {split: p[1] for split, p in paths.items()}, data_dir)
         return
-    sources = _source_paths(epath.Path(source_dir(config, data_dir)))
+    sources = source_paths(epath.Path(source_dir(config, data_dir)))
     coco.record_annotations(epath.Path(builder.data_path), {split: annotations for split, (annotations, _) in
                                                             sources.items() if epath.Path(annotations).exists()})
 
