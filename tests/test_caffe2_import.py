@@ -213,14 +213,16 @@ def test_foreign_and_malicious_pickles_are_refused(tmp_path):
     assert marker.is_dir()  # the standard reader would have run it
 
 
-def test_a_caffe2_pickle_needs_the_official_input():
+def test_a_caffe2_pickle_needs_the_official_input(tmp_path):
     from atss_jax import train_step
     from configs import atss_r50_fpn_1x_coco
 
+    weights = tmp_path / "R-50.pkl"
+    weights.write_bytes(b"")  # check_config reads the name, not the weights
     config = atss_r50_fpn_1x_coco.get_config()  # the mmdetection recipe: RGB, torchvision's statistics
-    config.model.backbone.pretrained = "/weights/R-50.pkl"
+    config.model.backbone.pretrained = str(weights)
     with pytest.raises(ValueError, match="input_channels='rgb'"):
         train_step.check_config(config, 80)
     official = atss_r50_fpn_1x_coco.get_config("official")
-    official.model.backbone.pretrained = "/weights/R-50.pkl"
+    official.model.backbone.pretrained = str(weights)
     train_step.check_config(official, 80)

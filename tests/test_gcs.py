@@ -136,7 +136,8 @@ def test_export_and_predict_in_the_bucket(gcs, trained):
     _run(gcs, ["-m", "scripts.predict", f"--export_dir={B}/export", f"--out_dir={B}/pred", image])
     (record,) = json.loads(gcs.read("pred/detections.json"))
     assert record["file"] == image and isinstance(record["detections"], list)
-    assert gcs.read("pred/000000.png")[:4] == b"\x89PNG"
+    assert gcs.read("pred/000000.jpg.png")[:4] == b"\x89PNG"  # named after the file, suffix kept: no clash
+    assert len(json.loads(gcs.read("pred/coco_results.json"))) == len(record["detections"])
 
 
 def test_sweep_k_in_the_bucket(gcs, trained):
