@@ -12,9 +12,10 @@ from configs import atss_r50_fpn_1x_coco
 NUM_CLASSES = 80  # the official NUM_CLASSES 81 minus the background
 
 
-def official_shapes(num_classes: int) -> dict[str, tuple[int, ...]]:
+def official_shapes(num_classes: int, dcn: bool = False) -> dict[str, tuple[int, ...]]:
     """Every key and shape of the official ATSS R-50-FPN's state_dict, as its modules register them (saved from
-    DistributedDataParallel: ``module.``)."""
+    DistributedDataParallel: ``module.``); ``dcn``: of ATSS_dcnv2_R_50_FPN_1x (``STAGE_WITH_DCN`` (False, True,
+    True, True), ``USE_DCN_IN_TOWER``: those 3x3 convs are ``DFConv2d``, a ``conv`` and its ``offset`` conv)."""
     shapes = {}
 
     def conv(name, out, inp, k, bias=False):
@@ -38,7 +39,11 @@ def official_shapes(num_classes: int) -> dict[str, tuple[int, ...]]:
                 conv(f"{block}.downsample.0", 4 * planes, channels, 1)
                 frozen_bn(f"{block}.downsample.1", 4 * planes)
             for j, (out, inp, k) in enumerate(((planes, channels, 1), (planes, planes, 3), (4 * planes, planes, 1)), 1):
-                conv(f"{block}.conv{j}", out, inp, k)
+                if dcn and j == 2 and stage > 1:  # DFConv2d(bias=False): 27 offset/mask channels for 3x3
+                    conv(f"{block}.conv2.offset", 27, inp, 3, bias=True)
+                    conv(f"{block}.conv2.conv", out, inp, k)
+                else:
+                    conv(f"{block}.conv{j}", out, inp, k)
                 frozen_bn(f"{block}.bn{j}", out)
             channels = 4 * planes
     fpn = "module.backbone.fpn"
@@ -50,7 +55,11 @@ def official_shapes(num_classes: int) -> dict[str, tuple[int, ...]]:
     head = "module.rpn.head"
     for tower in ("cls_tower", "bbox_tower"):
         for i in range(4):  # Sequential of (Conv2d, GroupNorm, ReLU) x 4
-            conv(f"{head}.{tower}.{3 * i}", 256, 256, 3, bias=True)
+            if dcn and i == 3:  # DFConv2d(bias=True)
+                conv(f"{head}.{tower}.9.offset", 27, 256, 3, bias=True)
+                conv(f"{head}.{tower}.9.conv", 256, 256, 3, bias=True)
+            else:
+                conv(f"{head}.{tower}.{3 * i}", 256, 256, 3, bias=True)
             shapes[f"{head}.{tower}.{3 * i + 1}.weight"] = (256,)
             shapes[f"{head}.{tower}.{3 * i + 1}.bias"] = (256,)
     conv(f"{head}.cls_logits", num_classes, 256, 3, bias=True)
@@ -62,11 +71,11 @@ def official_shapes(num_classes: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def official_state_dict(num_classes: int = NUM_CLASSES) -> dict[str, np.ndarray]:
+def official_state_dict(num_classes: int = NUM_CLASSES, dcn: bool = False) -> dict[str, np.ndarray]:
     """Random, pairwise different tensors under every official key (variances positive, above epsilon)."""
     rng = np.random.default_rng(0)
     return {key: (rng.uniform(0.5, 1.5, shape) if key.endswith("running_var") else rng.standard_normal(shape))
-            .astype(np.float32) for key, shape in official_shapes(num_classes).items()}
+            .astype(np.float32) for key, shape in official_shapes(num_classes, dcn).items()}
 
 
 def _leaves(tree, prefix=()):
@@ -82,10 +91,9 @@ def _fingerprint(array: np.ndarray) -> tuple:
     return (*np.sort(np.asarray(array, np.float32).reshape(-1))[:8].round(5).tolist(), array.size)
 
 
-def test_every_variable_gets_exactly_its_official_tensor():
-    state_dict = official_state_dict()
-    config = atss_r50_fpn_1x_coco.get_config("official")
-    variables = official_import.convert_state_dict(state_dict, config)
+def _sources(state_dict: dict[str, np.ndarray], variables: dict) -> dict[str, str]:
+    """Our variable path -> the official key whose tensor it holds (asserting it holds exactly that tensor);
+    every weight of the checkpoint used once."""
     # Our variance is the official one minus epsilon (FrozenBatchNorm2d has none); find it by the official value.
     eps = np.float32(FrozenBatchNorm.epsilon)
     by_fingerprint = {_fingerprint(value): key for key, value in state_dict.items()}
@@ -103,6 +111,13 @@ def test_every_variable_gets_exactly_its_official_tensor():
     assert len(set(sources.values())) == len(sources)
     unused = set(state_dict) - set(sources.values())
     assert unused == {f"module.rpn.anchor_generator.cell_anchors.{level}" for level in range(5)}
+    return sources
+
+
+def test_every_variable_gets_exactly_its_official_tensor():
+    state_dict = official_state_dict()
+    sources = _sources(state_dict, official_import.convert_state_dict(
+        state_dict, atss_r50_fpn_1x_coco.get_config("official")))
     # The correspondences that shapes alone would not decide.
     m = "module."
     assert sources["params/backbone/conv1/kernel"] == m + "backbone.body.stem.conv1.weight"
@@ -132,8 +147,28 @@ def test_missing_unused_and_misshaped_keys_are_named():
     assert "rpn.head.cls_logits.weight: shape (3, 256, 3, 3)" in message
 
 
-def test_refuses_dcn_configs():
+def test_dcn_model_maps_its_deformable_convs_and_offsets():
     from configs import atss_r50_dcnv2_fpn_1x_coco
 
-    with pytest.raises(ValueError, match="DCN"):
+    state_dict = official_state_dict(dcn=True)
+    sources = _sources(state_dict, official_import.convert_state_dict(
+        state_dict, atss_r50_dcnv2_fpn_1x_coco.get_config("official")))
+    m = "module."
+    assert sources["params/backbone/layer1_0/conv2/kernel"] == m + "backbone.body.layer1.0.conv2.weight"  # no DCN
+    assert sources["params/backbone/layer3_2/conv2/kernel"] == m + "backbone.body.layer3.2.conv2.conv.weight"
+    assert sources["params/backbone/layer3_2/conv2/conv_offset/kernel"] == (
+        m + "backbone.body.layer3.2.conv2.offset.weight")
+    assert sources["params/backbone/layer4_0/conv2/conv_offset/bias"] == m + "backbone.body.layer4.0.conv2.offset.bias"
+    assert sources["params/head/cls_conv3/kernel"] == m + "rpn.head.cls_tower.9.conv.weight"
+    assert sources["params/head/box_conv3/bias"] == m + "rpn.head.bbox_tower.9.conv.bias"
+    assert sources["params/head/box_conv3/conv_offset/kernel"] == m + "rpn.head.bbox_tower.9.offset.weight"
+    assert sources["params/head/cls_conv2/kernel"] == m + "rpn.head.cls_tower.6.weight"
+
+
+def test_dcn_checkpoint_and_plain_config_do_not_mix():
+    from configs import atss_r50_dcnv2_fpn_1x_coco
+
+    with pytest.raises(ValueError, match=r"has deformable convolutions .* but the config none: use .*dcnv2"):
+        official_import.convert_state_dict(official_state_dict(dcn=True), atss_r50_fpn_1x_coco.get_config("official"))
+    with pytest.raises(ValueError, match="config has deformable convolutions but the checkpoint none"):
         official_import.convert_state_dict(official_state_dict(), atss_r50_dcnv2_fpn_1x_coco.get_config("official"))

@@ -16,17 +16,21 @@ register them (``atss_core/modeling``: backbone/resnet.py, backbone/fpn.py, rpn/
   rpn.head.{cls,bbox}_tower.{3i}, .{3i+1}                          -> head/{cls,box}_conv{i}, _norm{i} (GroupNorm)
   rpn.head.cls_logits, bbox_pred, centerness, scales.{l}.scale     -> head/cls_logits, bbox_pred, centerness, scale{l}
 
-``rpn.anchor_generator.cell_anchors.*`` are anchor buffers, not weights. The DCN models (DFConv2d layers) are not
-imported.
+``rpn.anchor_generator.cell_anchors.*`` are anchor buffers, not weights. In the DCN models a deformable 3x3 conv
+(``DFConv2d``: a backbone block's ``conv2`` in the ``STAGE_WITH_DCN`` stages, each tower's last conv) holds its
+kernel as ``<conv>.conv.{weight,bias}`` and its offset/mask conv as ``<conv>.offset.{weight,bias}``, whose 27
+channels are laid out as ours (``deform_conv``: 9 ``(dy, dx)`` pairs, then 9 masks), so only kernels transpose.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from atss_jax.models.layers import FrozenBatchNorm
 from atss_jax.models.state_dict_import import (
@@ -57,11 +61,25 @@ def _conv(name: str, leaf: str) -> Source:
     return Source(f"{name}.weight", conv_kernel) if leaf == "kernel" else Source(f"{name}.{leaf}")
 
 
-def source_of(path: Path) -> Source:
-    """The official key (without ``module.``) and transform of our variable ``path``."""
+def _deformable(name: str, module: list[str], deformable: frozenset[Path]) -> str:
+    """``name`` of a conv inside the official ``DFConv2d`` when ``module`` is deformable (its kernel: ``.conv``)
+    or its offset/mask conv (``.offset``)."""
+    if module[-1] == "conv_offset":
+        return f"{name}.offset"
+    return f"{name}.conv" if tuple(module) in deformable else name
+
+
+def source_of(path: Path, deformable: frozenset[Path] = frozenset()) -> Source:
+    """The official key (without ``module.``) and transform of our variable ``path``; ``deformable``: the module
+    paths (after the part, e.g. ``("layer3_0", "conv2")``) that are deformable convolutions."""
     _, part, *module, leaf = path
     if part == "backbone":
-        key, transform = resnet_source(tuple(module), leaf, stem="stem.")
+        convolution = [m for m in module if m != "conv_offset"]
+        key, transform = resnet_source(tuple(convolution), leaf, stem="stem.")
+        if leaf in ("kernel", "bias") and module[-1] in ("conv2", "conv_offset"):
+            name = key.rsplit(".", 1)[0]
+            key = f"{_deformable(name, module, deformable)}.{key.rsplit('.', 1)[1]}"
+            transform = conv_kernel if leaf == "kernel" else np.asarray
         return Source(f"backbone.body.{key}", _frozen_variance if leaf == "var" else transform)
     if part == "fpn":
         return _conv(f"backbone.fpn.{_FPN[module[0]]}", leaf)
@@ -77,7 +95,7 @@ def source_of(path: Path) -> Source:
             prefix = f"rpn.head.{'cls' if tower == 'cls' else 'bbox'}_tower"
             if layer == "norm":
                 return Source(f"{prefix}.{3 * int(index) + 1}.{NORM_FIELDS[leaf]}")
-            return _conv(f"{prefix}.{3 * int(index)}", leaf)
+            return _conv(_deformable(f"{prefix}.{3 * int(index)}", module, deformable), leaf)
     raise KeyError("/".join(path))
 
 
@@ -86,11 +104,20 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ml_collecti
     ``config``'s detector (an ``:official`` config for the official outputs).
 
     Raises:
-      ValueError: a DCN config, or naming every missing, unused or mis-shaped key.
+      ValueError: a DCN checkpoint for a config without DCN or the reverse, or naming every missing, unused or
+        mis-shaped key.
     """
-    if config.model.backbone.deformable_stages or config.model.head.deformable_tower:
-        raise ValueError("Importing the official DCN models (DFConv2d layers) is not supported: use a config "
-                         "without model.backbone.deformable_stages and model.head.deformable_tower.")
     if state_dict and all(key.startswith(DDP_PREFIX) for key in state_dict):
         state_dict = {key.removeprefix(DDP_PREFIX): value for key, value in state_dict.items()}
-    return fill_variables(abstract_detector_variables(config), state_dict, source_of, _IGNORED, FORMAT)
+    abstract = abstract_detector_variables(config)
+    deformable = frozenset(path[2:-2] for path in traverse_util.flatten_dict(abstract) if path[-2] == "conv_offset")
+    checkpoint_dcn = any(key.endswith(".offset.weight") for key in state_dict)
+    if checkpoint_dcn != bool(deformable):
+        raise ValueError(
+            "The checkpoint has deformable convolutions (DFConv2d) but the config none: use the model's dcnv2 "
+            "config (e.g. configs/atss_r50_dcnv2_fpn_1x_coco.py:official)." if checkpoint_dcn else
+            "The config has deformable convolutions but the checkpoint none: use the model's config without dcnv2 "
+            "(e.g. configs/atss_r50_fpn_1x_coco.py:official).")
+    return fill_variables(abstract, state_dict, functools.partial(source_of, deformable=deformable), _IGNORED,
+                          FORMAT)
+
