@@ -201,12 +201,16 @@ def test_missing_pretrained_weights_and_eval_split_stop_before_anything_is_built
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_variables_restore_for_evaluation_falls_back_past_a_deleted_file(tiny_trainings, tmp_path, caplog):
+def test_variables_restore_for_evaluation_falls_back_past_deleted_data_files(tiny_trainings, tmp_path, caplog):
     data_dir, workdirs = tiny_trainings
     config = _config(data_dir)
     workdir = str(tmp_path / "w")
     shutil.copytree(workdirs[1], workdir)
-    os.remove(_largest_file(os.path.join(workdir, "checkpoints", "3")))
+    # Every data file (the largest alone may hold only optimiser state, which a variables-only restore skips).
+    for root, _, names in os.walk(os.path.join(workdir, "checkpoints", "3")):
+        if os.path.basename(root) == "d":
+            for name in names:
+                os.remove(os.path.join(root, name))
     from atss_jax.anchors import anchors_per_location
     from atss_jax.models.detector import abstract_variables, build_detector
 
