@@ -104,22 +104,6 @@ def load_checkpoint(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _leaves(tree: Mapping[str, Any], prefix: Path = ()) -> list[tuple[Path, Any]]:
-    leaves = []
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            leaves.extend(_leaves(value, (*prefix, key)))
-        else:
-            leaves.append(((*prefix, key), value))
-    return leaves
-
-
-def _set(tree: dict, path: Path, value: np.ndarray) -> None:
-    for part in path[:-1]:
-        tree = tree.setdefault(part, {})
-    tree[path[-1]] = value
-
-
 def fill_variables(
     abstract: Mapping[str, Any],
     state_dict: Mapping[str, np.ndarray],
@@ -144,14 +128,14 @@ def fill_variables(
         depth, number of classes or head).
     """
     filled, used, problems = {}, set(), []
-    for path, leaf in _leaves(abstract):
+    for path, leaf in torchvision_import.leaves(abstract):
         try:
             source = source_of(path)
         except KeyError as error:
             problems.append(f"no {what} name for our variable {'/'.join(path)} ({error})")
             continue
         if source.key is None:
-            _set(filled, path, np.zeros(leaf.shape, np.float32))
+            torchvision_import.set_leaf(filled, path, np.zeros(leaf.shape, np.float32))
             continue
         if source.key not in state_dict:
             problems.append(f"missing {source.key} (for {'/'.join(path)})")
@@ -162,7 +146,7 @@ def fill_variables(
             problems.append(f"{source.key}: shape {np.shape(state_dict[source.key])} does not fit "
                             f"{'/'.join(path)} {tuple(leaf.shape)}")
             continue
-        _set(filled, path, value)
+        torchvision_import.set_leaf(filled, path, value)
     unused = sorted(k for k in state_dict if k not in used and not ignored.search(k))
     problems += [f"unused {key}" for key in unused]
     if problems:

@@ -156,14 +156,14 @@ def fill_backbone(
         if tuple(expected.shape) != tuple(value.shape):
             problems.append(f"{source}: shape {tuple(value.shape)} does not fit {tuple(expected.shape)}")
             continue
-        _set_leaf(new[collection], (*path, leaf), value)
+        set_leaf(new[collection], (*path, leaf), value)
         filled.add((collection, *path, leaf))
     for collection, tree in backbone_variables.items():
-        for path, initial in _leaves(tree):
+        for path, initial in leaves(tree):
             if (collection, *path) in filled:
                 continue
             if "conv_offset" in path:  # DCNv2 offset predictors are not in ImageNet weights: kept as initialised
-                _set_leaf(new[collection], path, initial)
+                set_leaf(new[collection], path, initial)
             else:
                 problems.append(f"missing {source_of(path) if source_of else collection + '/' + '/'.join(path)}")
     if problems:
@@ -171,18 +171,18 @@ def fill_backbone(
     return new
 
 
-def _leaves(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+def leaves(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
     """(path, value) of every leaf of a nested mapping."""
-    leaves = []
+    found = []
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            leaves.extend(_leaves(value, (*prefix, key)))
+            found.extend(leaves(value, (*prefix, key)))
         else:
-            leaves.append(((*prefix, key), value))
-    return leaves
+            found.append(((*prefix, key), value))
+    return found
 
 
-def _set_leaf(tree: dict, path: tuple[str, ...], value: Any) -> None:
+def set_leaf(tree: dict, path: tuple[str, ...], value: Any) -> None:
     """``tree[path[0]][path[1]]... = value`` as float32, creating the intermediate dicts."""
     for part in path[:-1]:
         tree = tree.setdefault(part, {})
