@@ -25,6 +25,7 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
+from ml_collections.config_flags import config_path
 
 from atss_jax import train, workdirs
 from atss_jax.data import datasets, synthetic
@@ -117,25 +118,11 @@ def main(argv):
 
 def _overridden(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``config`` with the command line's --config.* overrides (absl parsed them onto the default file's config)."""
-    default = _CONFIG.value
     for argument in sys.argv[1:]:
         if argument.startswith("--config.") and "=" in argument:
             field = argument[len("--config."):].split("=", 1)[0]
-            _set(config, field, _get(default, field))
+            config_path.set_value(field, config, config_path.get_value(field, _CONFIG.value))
     return config
-
-
-def _get(config: ml_collections.ConfigDict, field: str):
-    for name in field.split("."):
-        config = config[name]
-    return config
-
-
-def _set(config: ml_collections.ConfigDict, field: str, value) -> None:
-    *parents, name = field.split(".")
-    for parent in parents:
-        config = config[parent]
-    config[name] = value
 
 
 if __name__ == "__main__":
