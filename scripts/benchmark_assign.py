@@ -13,9 +13,18 @@ interleaved in one process after checking that all give the same assignment; med
   * numpy per box    - one image and one box at a time (the loop reference of the tests).
 
 Then each prediction-aware strategy (``--strategies``: tal, simota, ota, paa) on random predictions for the
-same boxes: jitted and batched against mmdetection 3.3.0's per-image assigner where it has one
-(TaskAlignedAssigner, SimOTAAssigner; a Python loop over the images, as its heads run it), interleaved, with
-the share of anchors on which they agree and the positives per box.
+same boxes, with the settings of the config's assigner section: jitted and batched against a per-image design
+of a PyTorch codebase, a Python loop over the images as its heads run it, interleaved, with the share of
+anchors on which they agree and the positives per box. The per-image designs (``PER_IMAGE_DESIGNS``):
+
+  * tal    - mmdetection 3.3.0's TaskAlignedAssigner;
+  * simota - mmdetection 3.3.0's SimOTAAssigner;
+  * ota    - the official OTA code's (Megvii-BaseDetection/OTA): the ``[G + 1, A]`` cost matrix of an image,
+             vectorised over boxes and anchors, and a loop of log-domain Sinkhorn steps on it, in numpy;
+  * paa    - mmdetection's PAAHead (``paa_reassign``): the initial assignment and scores vectorised per image,
+             then a loop over the boxes with a two-Gaussian EM each, in numpy (sklearn's GaussianMixture is
+             not installed; the EM starts where mmdetection starts sklearn's);
+the last two from tests/reference_prediction_assigners.py, which the tests check against ours.
 
 Usage (from the repository root):
   python -m scripts.benchmark_assign --config=configs/base.py --batch=16 --num_boxes=100
@@ -31,6 +40,7 @@ import tracemalloc
 from collections.abc import Callable
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags
 from etils import epath
@@ -40,6 +50,7 @@ from atss_jax.anchors import AnchorGrid, anchor_valid_mask, make_anchor_grid
 from atss_jax.assigners import PREDICTION_AWARE, Predictions, atss_grid, build_assigner
 from tests.prediction_cases import full_gt_index, mmdet_inputs
 from tests.reference_assigners import atss_reference
+from tests.reference_prediction_assigners import ota_per_image, paa_per_image
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Experiment config.")
 _BATCH = flags.DEFINE_integer("batch", 16, "Images per batch.")
@@ -105,12 +116,31 @@ def atss_per_image_numpy(
     return np.where(claimed.max(0) > -np.inf, claimed.argmax(0), -1)
 
 
-def _mmdet_assigner(name: str) -> Callable[..., np.ndarray] | None:
-    """mmdetection's per-image assigner of strategy ``name`` (None where it has none) as
+# The per-image design each prediction-aware strategy is timed against (see _per_image_assigner).
+PER_IMAGE_DESIGNS = {
+    "tal": "mmdet TaskAlignedAssigner",
+    "simota": "mmdet SimOTAAssigner",
+    "ota": "numpy OTA (official design)",
+    "paa": "numpy PAA (mmdet paa_reassign design)",
+}
+
+
+def _per_image_assigner(name: str, settings: ml_collections.ConfigDict) -> Callable[..., np.ndarray]:
+    """The per-image design of strategy ``name`` (``PER_IMAGE_DESIGNS``) as
     ``(grid, anchor_valid [A], gt_boxes [G, 4], gt_labels [G], scores [A, C], pred_boxes [A, 4]) -> gt_index [A]``,
-    with the settings of configs/base.py."""
-    if name not in ("tal", "simota"):
-        return None
+    with the settings of ``settings`` (the config's assigner section): mmdetection 3.3.0's assigner where it has one,
+    else the numpy design of tests/reference_prediction_assigners.py."""
+    if name == "ota":
+        return lambda grid, anchor_valid, gt_boxes, gt_labels, scores, pred_boxes: ota_per_image(
+            grid.boxes, grid.anchor_strides, anchor_valid, gt_boxes, gt_labels, scores, pred_boxes,
+            center_radius=settings.ota_center_radius, candidate_topk=settings.ota_candidate_topk,
+            iou_weight=settings.ota_iou_weight, epsilon=settings.ota_epsilon, iterations=settings.ota_iterations,
+            focal_alpha=settings.cost_focal_alpha, focal_gamma=settings.cost_focal_gamma)
+    if name == "paa":
+        return lambda grid, anchor_valid, gt_boxes, gt_labels, scores, pred_boxes: paa_per_image(
+            grid.boxes, grid.level_sizes, anchor_valid, gt_boxes, gt_labels, scores, pred_boxes,
+            topk=settings.paa_topk, box_weight=settings.paa_box_weight, em_iterations=settings.paa_em_iterations,
+            focal_alpha=settings.cost_focal_alpha, focal_gamma=settings.cost_focal_gamma)
     from scripts import mmdet_peer
 
     mmdet_peer.import_mmdet()
@@ -125,15 +155,22 @@ def _mmdet_assigner(name: str) -> Callable[..., np.ndarray] | None:
             priors = np.concatenate([grid.centers, strides, strides], -1).astype(np.float32)
         pred, gts, inside = mmdet_inputs(grid.boxes, anchor_valid, gt_boxes, gt_valid, gt_labels, scores, pred_boxes,
                                          priors=priors)
-        assigner = TaskAlignedAssigner(topk=13) if name == "tal" else SimOTAAssigner(center_radius=2.5)
-        return full_gt_index(assigner.assign(pred, gts).gt_inds.numpy(), inside, len(grid.boxes))
+        if name == "tal":
+            result = TaskAlignedAssigner(topk=settings.tal_topk).assign(pred, gts, alpha=settings.tal_alpha,
+                                                                        beta=settings.tal_beta)
+        else:
+            result = SimOTAAssigner(center_radius=settings.simota_center_radius,
+                                    candidate_topk=settings.simota_candidate_topk,
+                                    iou_weight=settings.simota_iou_weight,
+                                    cls_weight=settings.simota_cls_weight).assign(pred, gts)
+        return full_gt_index(result.gt_inds.numpy(), inside, len(grid.boxes))
 
     return assign
 
 
 def _time_strategies(config, grid: AnchorGrid, anchor_valid: np.ndarray, gt_boxes: np.ndarray,
                      gt_valid: np.ndarray) -> list[dict]:
-    """Each strategy of ``--strategies``: jax batched against mmdetection per image, interleaved; one row each."""
+    """Each strategy of ``--strategies``: jax batched against its per-image design, interleaved; one row each."""
     rng = np.random.default_rng(1)
     batch, num_anchors = anchor_valid.shape
     num_classes = config.model.num_classes
@@ -155,32 +192,30 @@ def _time_strategies(config, grid: AnchorGrid, anchor_valid: np.ndarray, gt_boxe
         compile_s = time.perf_counter() - start
         soft = compiled(*args)
         jax_index = np.asarray(soft.result.gt_index)
-        mmdet = _mmdet_assigner(name)
+        per_image = _per_image_assigner(name, config.assigner)
 
-        def run_mmdet(mmdet=mmdet):
-            return np.stack([mmdet(grid, anchor_valid[i], gt_boxes[i], gt_labels[i], scores[i], pred_boxes[i])
+        def run_per_image(per_image=per_image):
+            return np.stack([per_image(grid, anchor_valid[i], gt_boxes[i], gt_labels[i], scores[i], pred_boxes[i])
                              for i in range(batch)])
 
-        agreement = float(np.mean(run_mmdet() == jax_index)) if mmdet else None
-        jax_times, mmdet_times = [], []
+        agreement = float(np.mean(run_per_image() == jax_index))
+        jax_times, per_image_times = [], []
         for _ in range(_REPEATS.value):
             jax_times.append(_time(lambda args=args, compiled=compiled: compiled(*args).result.gt_index))
-            if mmdet:
-                mmdet_times.append(_time(run_mmdet))
+            per_image_times.append(_time(run_per_image))
         rows.append(dict(
             strategy=name, jax_s=statistics.median(jax_times), compile_s=compile_s,
-            mmdet_per_image_s=statistics.median(mmdet_times) if mmdet else None, agreement=agreement,
-            positives_per_box=float(np.mean(np.asarray(soft.result.num_positives)[gt_valid]))))
+            per_image_s=statistics.median(per_image_times), per_image_design=PER_IMAGE_DESIGNS[name],
+            agreement=agreement, positives_per_box=float(np.mean(np.asarray(soft.result.num_positives)[gt_valid]))))
     print(f"\nPrediction-aware assigners: the same batch, {num_classes} classes, random scores, predicted boxes "
-          "near the anchors")
-    print(f"{'strategy':<10} {'jax ms':>10} {'mmdet/image ms':>15} {'x jax':>8} {'agree':>8} {'pos/box':>8} "
-          f"{'compile s':>10}")
+          "near the anchors; jax batched against a per-image design, interleaved")
+    print(f"{'strategy':<10} {'jax ms':>10} {'per-image ms':>13} {'x jax':>8} {'agree':>8} {'pos/box':>8} "
+          f"{'compile s':>10}  per-image design")
     for row in rows:
-        mmdet_ms = row["mmdet_per_image_s"]
-        print(f"{row['strategy']:<10} {row['jax_s'] * 1e3:>10.1f} "
-              + (f"{mmdet_ms * 1e3:>15.1f} {mmdet_ms / row['jax_s']:>7.1f}x {row['agreement']:>8.4f}" if mmdet_ms
-                 else f"{'-':>15} {'-':>8} {'-':>8}")
-              + f" {row['positives_per_box']:>8.2f} {row['compile_s']:>10.2f}")
+        per_image_ms = row["per_image_s"] * 1e3
+        print(f"{row['strategy']:<10} {row['jax_s'] * 1e3:>10.1f} {per_image_ms:>13.1f} "
+              f"{row['per_image_s'] / row['jax_s']:>7.1f}x {row['agreement']:>8.4f} {row['positives_per_box']:>8.2f} "
+              f"{row['compile_s']:>10.2f}  {row['per_image_design']}")
     return rows
 
 

@@ -1,5 +1,5 @@
 """OTA against a plain numpy reference: per-box loops for the costs and the dynamic k, a loop of log-domain
-Sinkhorn steps in float64."""
+Sinkhorn steps in float64; and against the per-image design that scripts/benchmark_assign.py times it with."""
 
 import functools
 
@@ -10,6 +10,7 @@ from scipy.special import logsumexp
 
 from atss_jax.assigners.ota import ota_assign
 from tests.prediction_cases import random_case
+from tests.reference_prediction_assigners import ota_per_image
 
 SETTINGS = dict(center_radius=2.5, candidate_topk=20, iou_weight=3.0, epsilon=0.1, iterations=50, focal_alpha=0.25,
                 focal_gamma=2.0)
@@ -83,3 +84,17 @@ def test_ota_matches_a_numpy_sinkhorn(seed):
     counts = np.bincount(np.asarray(result.gt_index)[np.asarray(result.gt_index) >= 0], minlength=len(case[3]))
     np.testing.assert_array_equal(np.asarray(result.num_positives), counts)
     assert np.all(np.asarray(quality)[~positive & (np.asarray(result.gt_index) < 0)] == 0.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_per_image_design_of_the_benchmark_matches(seed):
+    # scripts/benchmark_assign.py's reference: the official code's design, the [G + 1, A] cost matrix of one image and
+    # float32 Sinkhorn steps on it.
+    case = random_case(np.random.default_rng(seed), num_boxes=12)
+    anchors, strides, anchor_valid, gt_boxes, gt_valid, gt_labels, scores, pred_boxes = case
+    result, _ = jax.jit(functools.partial(ota_assign, **SETTINGS))(*case)
+    # The image's real boxes only, as the per-image designs take them (the padding box is the last).
+    expected = ota_per_image(anchors, strides, anchor_valid, gt_boxes[gt_valid], gt_labels[gt_valid], scores,
+                             pred_boxes, **SETTINGS)
+    np.testing.assert_array_equal(np.asarray(result.gt_index), expected)
+    assert (expected >= 0).sum() > 0

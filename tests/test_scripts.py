@@ -131,6 +131,15 @@ def test_benchmark_assign_checks_agreement_and_writes_its_table(tmp_path):
     assert [row["name"] for row in rows] == ["jax grid-aware", "jax full-matrix", "numpy per image", "numpy per box"]
     assert all(row["median_s"] > 0 for row in rows) and rows[0]["ratio"] == 1.0
     assert rows[0]["back_to_back_s"] > 0 and rows[2]["back_to_back_s"] is None
+    # Every prediction-aware strategy against its per-image design, side by side.
+    strategies = json.loads(out.read_text())["strategies"]
+    assert [row["strategy"] for row in strategies] == ["tal", "simota", "ota", "paa"]
+    assert [row["per_image_design"] for row in strategies] == [
+        "mmdet TaskAlignedAssigner", "mmdet SimOTAAssigner", "numpy OTA (official design)",
+        "numpy PAA (mmdet paa_reassign design)"]
+    assert all(row["jax_s"] > 0 and row["per_image_s"] > 0 and row["agreement"] > 0.99 for row in strategies)
+    for row in strategies:
+        assert f"{row['agreement']:>8.4f}" in printed and row["per_image_design"] in printed
 
 
 def test_benchmark_train_times_the_step_with_and_without_the_assigner(tmp_path):

@@ -88,9 +88,13 @@ def ota_assign(
 
     iou = box_lib.pairwise_iou(gt_boxes, pred_boxes)
     giou = box_lib.elementwise_giou(gt_boxes[:, None, :], pred_boxes[None, :, :])
-    one_hot = jax.nn.one_hot(gt_labels, scores.shape[-1])  # [G, C]
-    foreground = focal_loss_sum(scores[None, :, :], one_hot[:, None, :], focal_alpha, focal_gamma)  # [G, A]
     background = focal_loss_sum(scores, jnp.zeros_like(scores), focal_alpha, focal_gamma)  # [A]
+    # A box's classification cost is the background's with its label's term swapped: [G, A], never [G, A, C]
+    # (16 images x 100 boxes x 22,400 anchors x 80 classes would be 11 GiB).
+    label_scores = scores.T[gt_labels][..., None]  # [G, A, 1]
+    swap = (focal_loss_sum(label_scores, jnp.ones_like(label_scores), focal_alpha, focal_gamma)
+            - focal_loss_sum(label_scores, jnp.zeros_like(label_scores), focal_alpha, focal_gamma))
+    foreground = background[None, :] + swap
     cost = foreground + iou_weight * (1.0 - giou) + jnp.where(candidate, 0.0, _OUTSIDE_COST)
     cost = jnp.concatenate([cost, background[None, :]], axis=0)  # [G + 1, A]
 
