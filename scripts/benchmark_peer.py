@@ -17,6 +17,12 @@ stages 2-4 (norm_eval, requires_grad), the project's frozen_bn keeps them fixed;
     python -m scripts.benchmark_peer                                          # this CPU: 2 images at 512x512
     python -m scripts.benchmark_peer --device=gpu --canvas=800,1344 --batch=8 --dtype=bfloat16
     python -m scripts.benchmark_peer --device=cpu --smoke --out=/tmp/peer.json    # CI-sized
+    python -m scripts.benchmark_peer --profile                                # per op class, one thread
+
+`--profile` pins the process to one core, runs XLA:CPU's Eigen single-threaded and torch on one thread, so
+that every op's time is its own (with threads, XLA's concurrent thunks overlap in a trace), and prints one
+training step of each side split into convolutions and matmuls (forward, backward), layout copies and the
+rest (normalisations, activations, losses, assignment, update).
 
 On a GPU, float32 runs at full float32 on both sides (no TF32: JAX's matmul precision "highest", torch's
 cudnn/matmul allow_tf32 off). Without a CUDA torch or mmdetection, only the project's side runs and the
@@ -30,6 +36,8 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -38,7 +46,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from atss_jax import inference, parallel, train_step
+from atss_jax import inference, parallel, train_step, xla_flags
 from atss_jax.anchors import anchor_valid_mask, build_anchor_grid
 from atss_jax.models import mmdet_import
 from configs import base
@@ -61,6 +69,9 @@ _NUM_CLASSES = flags.DEFINE_integer("num_classes", 80, "Classes of both heads.")
 _RTOL = flags.DEFINE_float("rtol", None, "Agreement of each first-step loss term; default 1e-4 (bfloat16 3e-2).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "CI size: 128x128 canvas, 4 boxes, one timed round.")
 _OUT = flags.DEFINE_string("out", "benchmark_peer.json", "JSON output.")
+_PROFILE = flags.DEFINE_bool("profile", False,
+                             "CPU: run both sides on one core and thread, and print each side's time per op class "
+                             "for one training step (XLA's thunk trace, torch.profiler).")
 
 LOSS_TERMS = {"classification": "loss_cls", "box": "loss_bbox", "centerness": "loss_centerness"}
 
@@ -146,12 +157,72 @@ class MmdetSide:
         self._sync()
         return {ours: float(sum(t.detach().float() for t in terms[theirs])) for ours, theirs in LOSS_TERMS.items()}
 
+    def profile(self, data: dict) -> dict[str, float]:
+        """One training step under torch.profiler: seconds of each op class (``OP_CLASSES``), self times."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as trace:
+            self.train_step(data)
+        seconds = dict.fromkeys(OP_CLASSES, 0.0)
+        for op in trace.key_averages():
+            name = op.key
+            if "convolution_backward" in name or "conv2d_backward" in name or "conv_depthwise2d_backward" in name:
+                kind = "conv_backward"
+            elif "convolution" in name or "conv2d" in name or name in ("aten::addmm", "aten::mm", "aten::bmm"):
+                kind = "conv_forward"
+            elif name in ("aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy"):
+                kind = "layout"
+            else:
+                kind = "other"
+            seconds[kind] += op.self_cpu_time_total / 1e6
+        return seconds
+
     def predict(self, data: dict) -> None:
         self.model.eval()
         with self.torch.no_grad(), self._context():
             batch = self.model.data_preprocessor(data, training=False)
             self.model.predict(batch["inputs"], batch["data_samples"], rescale=False)
         self._sync()
+
+
+OP_CLASSES = {"conv_forward": "convolutions and matmuls, forward",
+              "conv_backward": "convolutions and matmuls, backward (input and kernel gradients)",
+              "layout": "layout copies (transposes, contiguous copies)",
+              "other": "everything else (norms, activations, losses, assignment, update)"}
+
+
+def _one_thread() -> None:
+    """Pins the process to one core and XLA's Eigen to its calling thread; before JAX's backend starts."""
+    if xla_flags.backend_started():
+        raise SystemExit("--profile: JAX's backend started before the flags could be set")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+def _profile_ours(compiled: jax.stages.Compiled, run_step: Callable[[], object], directory: str) -> dict[str, float]:
+    """One training step under jax.profiler: seconds of each op class, read from XLA:CPU's thunk events, whose
+    HLO instruction's metadata says forward or backward (``transpose(jvp(...))``)."""
+    import gzip
+
+    op_names = dict(re.findall(r'^\s*(?:ROOT )?%(\S+) = .*?op_name="([^"]*)"', compiled.as_text(), re.MULTILINE))
+    jax.profiler.start_trace(directory)
+    run_step()
+    jax.profiler.stop_trace()
+    trace = sorted(epath.Path(directory).glob("plugins/profile/*/*.trace.json.gz"))[-1]
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    seconds = dict.fromkeys(OP_CLASSES, 0.0)
+    for event in events:
+        op = event.get("args", {}).get("hlo_op")
+        if event.get("ph") != "X" or op is None or event["args"].get("hlo_module") != "jit_train_step":
+            continue
+        if op.startswith(("conv", "dot", "ynn_fusion", "onednn")):
+            kind = "conv_backward" if "transpose(jvp(" in op_names.get(op, "") else "conv_forward"
+        elif "copy" in op or "transpose" in op:
+            kind = "layout"
+        else:
+            kind = "other"
+        seconds[kind] += event["dur"] / 1e6
+    return seconds
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -172,6 +243,10 @@ def _versions() -> dict[str, str | None]:
 
 def main(argv):
     del argv
+    if _PROFILE.value:
+        if _DEVICE.value != "cpu":
+            raise SystemExit("--profile is for --device=cpu (a GPU's kernels need its own profiler)")
+        _one_thread()
     if _DEVICE.value == "cpu":
         jax.config.update("jax_platforms", "cpu")
     elif jax.default_backend() != "gpu":
@@ -200,6 +275,8 @@ def main(argv):
             if not torch.cuda.is_available():
                 raise ImportError(f"torch {torch.__version__} sees no CUDA device")
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        if _PROFILE.value:
+            torch.set_num_threads(1)
         peer = MmdetSide(_NUM_CLASSES.value, _DEVICE.value, _DTYPE.value, learning_rate)
     except ImportError as error:
         if _DEVICE.value == "cpu":
@@ -260,12 +337,12 @@ def main(argv):
     agree = agreement is not None and all(row["relative"] <= rtol for row in agreement.values())
 
     times = {key: [] for key in ("train", "inference", "assign", "mmdet_train", "mmdet_inference", "mmdet_assign")}
-    for _ in range(rounds):  # interleaved, so drifts of a shared machine hit both sides alike
-        def step():
-            nonlocal state
-            state, step_metrics = train_fn(state, train_batch)
-            jax.block_until_ready(step_metrics)
+    def step():
+        nonlocal state
+        state, step_metrics = train_fn(state, train_batch)
+        jax.block_until_ready(step_metrics)
 
+    for _ in range(rounds):  # interleaved, so drifts of a shared machine hit both sides alike
         times["train"].append(_timed(step))
         times["inference"].append(_timed(lambda: jax.block_until_ready(
             eval_fn({"params": state.params, **state.model_state}, device_batch))))
@@ -277,6 +354,12 @@ def main(argv):
             times["mmdet_inference"].append(_timed(lambda: peer.predict(data)))
         print("Round: " + ", ".join(f"{key} {value[-1]:.3g} s" for key, value in times.items() if value), flush=True)
     median = {key: float(np.median(value)) if value else None for key, value in times.items()}
+    profile = None
+    if _PROFILE.value:
+        with tempfile.TemporaryDirectory() as directory:
+            profile = {"ours": _profile_ours(train_fn, step, directory)}
+        if peer is not None:
+            profile["mmdet"] = peer.profile(data)
 
     def per_second(seconds):
         return batch_size / seconds if seconds else None
@@ -294,6 +377,7 @@ def main(argv):
         "mmdet_assignment_share": median["mmdet_assign"] / median["mmdet_train"] if peer is not None else None,
         "loss_agreement": agreement, "rtol": rtol, "losses_agree": agree, "peer_missing": peer_missing,
         "mfu": None, "peak_memory_gib": None, "load_average_1_5_15min": os.getloadavg(),
+        "one_thread": _PROFILE.value, "profile_seconds": profile,
     }
     peak = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in result["device"].lower()), None)
     if _DEVICE.value == "gpu":
@@ -320,7 +404,15 @@ def main(argv):
               f"{100 * result['mmdet_assignment_share']:.3g}% |")
     if agree:
         print(f"| project / mmdetection | {result['train_ratio']:.2f}x | {result['inference_ratio']:.2f}x | |")
-    elif peer is not None:
+    if profile:
+        print("\nOne training step on one thread, seconds per op class:\n| op class | this project | mmdetection |\n"
+              "|---|---:|---:|")
+        mmdet_profile = profile.get("mmdet", {})
+        for kind, label in {**OP_CLASSES, "sum": "sum"}.items():
+            ours = sum(profile["ours"].values()) if kind == "sum" else profile["ours"][kind]
+            theirs = sum(mmdet_profile.values()) if kind == "sum" else mmdet_profile.get(kind)
+            print(f"| {label} | {ours:.3f} | {f'{theirs:.3f}' if mmdet_profile else '-'} |")
+    if peer is not None and not agree:
         raise SystemExit(f"No ratio: the first step's losses differ by more than rtol={rtol} (table above), so the "
                          "two sides do not do the same work.")
 

@@ -85,3 +85,33 @@ def test_unknown_weight_grad_is_named():
     module = layers.conv(5, 3, kernel_init=jax.nn.initializers.normal(1.0), dtype=jnp.float32, weight_grad="fast")
     with pytest.raises(ValueError, match="weight_grad='fast'"):
         module.init(jax.random.key(0), jnp.ones((1, 6, 6, 4)))
+
+
+@pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (3, 2)])
+def test_kernel_gradient_with_fewer_outputs_than_inputs(kernel, stride):
+    """The transposed form (output gradient transposed once, ``C_out < C_in``) against XLA's gradient."""
+    rng = np.random.default_rng(kernel + stride)
+    lhs = jnp.asarray(rng.normal(size=(2, 9, 10, 16)), jnp.float32)
+    rhs = jnp.asarray(rng.normal(size=(kernel, kernel, 16, 4)), jnp.float32)
+    args = (stride, kernel // 2, 1, 1)
+    cotangent = jnp.asarray(rng.normal(size=_reference(lhs, rhs, *args).shape), jnp.float32)
+    want = jax.grad(lambda w: jnp.sum(_reference(lhs, w, *args) * cotangent))(rhs)
+    got = jax.jit(jax.grad(lambda w: jnp.sum(_im2col(lhs, w, *args) * cotangent)))(rhs)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel, stride, groups, ynn, custom", [
+    (3, 1, 1, False, False),  # Eigen's own weight gradient
+    (1, 1, 1, False, True),
+    (3, 2, 1, False, True),
+    (3, 1, 2, False, True),
+    (3, 1, 1, True, True),    # YNNPACK's convolutions: im2col for every kernel
+])
+def test_auto_picks_the_faster_weight_gradient_on_cpu(monkeypatch, kernel, stride, groups, ynn, custom):
+    monkeypatch.setattr(layers.xla_flags, "cpu_convolutions_on_ynn", lambda: ynn)
+    inputs = jnp.ones((1, 6, 6, 4), jnp.float32)
+    module = layers.conv(6, kernel, stride, groups=groups, kernel_init=jax.nn.initializers.normal(1.0),
+                         dtype=jnp.float32)
+    params = module.init(jax.random.key(0), inputs)["params"]
+    jaxpr = str(jax.make_jaxpr(lambda p: module.apply({"params": p}, inputs))(params))
+    assert ("custom_vjp_call" in jaxpr) == custom

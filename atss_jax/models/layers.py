@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from atss_jax import xla_flags
 from atss_jax.models.deform_conv import ModulatedDeformConv
 
 # A layer constructor: a Module class, a partial of one, or a function returning a Module.
@@ -79,7 +80,8 @@ def make_norm(kind: str, dtype: jnp.dtype, axis_name: str | None = None) -> Norm
 
 
 # How a convolution's weight gradient is computed: "xla" (XLA's own), "im2col" (one matmul per kernel tap of the
-# shifted input with the output gradient, ``im2col_weight_grad_conv``) or "auto" (im2col on the CPU backend only).
+# shifted input with the output gradient, ``im2col_weight_grad_conv``) or "auto" (im2col on the CPU backend where it
+# is faster than XLA's, see ``im2col_weight_grad_conv``).
 CONV_WEIGHT_GRADS = ("auto", "xla", "im2col")
 
 
@@ -102,14 +104,21 @@ def _im2col_kernel_grad(lhs: jax.Array, out_grad: jax.Array, kernel_shape: tuple
     C_out]`` -> ``[kh, kw, C_in / groups, C_out]`` in the kernel's dtype, accumulated in float32."""
     kh, kw, group_in, features = kernel_shape
     rows = out_grad.shape[0] * out_grad.shape[1] * out_grad.shape[2]
+    taps = _tap_slices(lhs, (kh, kw), out_grad.shape[1:3], strides, padding, dilation)
+    if groups == 1 and features < group_in:
+        # XLA:CPU copies a matmul's operand transposed when it contracts its rows; transpose the smaller one,
+        # the output gradient, once for all taps (the first 1x1 of each bottleneck: 4x fewer channels).
+        grad_t = out_grad.reshape(rows, features).T
+        per_tap = [jnp.dot(grad_t, tap.reshape(rows, group_in), preferred_element_type=jnp.float32) for tap in taps]
+        return jnp.stack(per_tap).reshape(kh, kw, features, group_in).transpose(0, 1, 3, 2)
     grad = out_grad.reshape(rows, groups, features // groups)
-    taps = []
-    for tap in _tap_slices(lhs, (kh, kw), out_grad.shape[1:3], strides, padding, dilation):
+    per_group_taps = []
+    for tap in taps:
         # [C_in / groups, groups, C_out / groups]: each group's inputs with its own outputs only.
         per_group = jnp.einsum("ngc,ngo->cgo", tap.reshape(rows, groups, group_in), grad,
                                preferred_element_type=jnp.float32)
-        taps.append(per_group.reshape(group_in, features))
-    return jnp.stack(taps).reshape(kernel_shape)
+        per_group_taps.append(per_group.reshape(group_in, features))
+    return jnp.stack(per_group_taps).reshape(kernel_shape)
 
 
 def _conv_nhwc(lhs: jax.Array, rhs: jax.Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
@@ -141,16 +150,22 @@ def im2col_weight_grad_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padd
                             rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                             precision=None, weight_grad: str = "auto") -> jax.Array:
     """``jax.lax.conv_general_dilated`` (the signature ``nn.Conv`` calls it with) whose kernel gradient is a
-    matmul per kernel tap instead of XLA's weight-gradient convolution, which XLA:CPU runs about 6x slower
-    than the forward pass (2-3x faster this way; the same values to float32 rounding).
+    matmul per kernel tap instead of XLA's weight-gradient convolution (the same values to float32 rounding).
 
-    ``weight_grad`` (one of ``CONV_WEIGHT_GRADS``) is resolved when traced: "auto" is im2col on the CPU
-    backend only. Anything but NHWC/HWIO, explicit padding and no input dilation goes to XLA unchanged.
+    ``weight_grad`` (one of ``CONV_WEIGHT_GRADS``) is resolved when traced. "auto" is XLA's own off the CPU;
+    on the CPU it is im2col for 1x1, strided and grouped kernels, which Eigen's weight-gradient convolution
+    runs 1.4-3x slower than the matmuls, and for every kernel when YNNPACK runs the convolutions (its weight
+    gradient is 3-8x slower; ``atss_jax.xla_flags``), XLA's own for the rest. Anything but NHWC/HWIO,
+    explicit padding and no input dilation goes to XLA unchanged.
     """
     if weight_grad not in CONV_WEIGHT_GRADS:
         raise ValueError(f"conv weight_grad={weight_grad!r} is not one of {CONV_WEIGHT_GRADS}")
+    if weight_grad == "auto":
+        eigen_is_faster = (rhs.shape[0] * rhs.shape[1] > 1 and all(s == 1 for s in window_strides)
+                           and feature_group_count == 1 and not xla_flags.cpu_convolutions_on_ynn())
+        weight_grad = "im2col" if jax.default_backend() == "cpu" and not eigen_is_faster else "xla"
     nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    use_im2col = (weight_grad == "im2col" or (weight_grad == "auto" and jax.default_backend() == "cpu")) and (
+    use_im2col = weight_grad == "im2col" and (
         lhs.ndim == 4 and not isinstance(padding, str) and all(d == 1 for d in (lhs_dilation or (1, 1)))
         and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
         and precision is None and lhs.dtype == rhs.dtype)
