@@ -105,12 +105,18 @@ def _im2col_kernel_grad(lhs: jax.Array, out_grad: jax.Array, kernel_shape: tuple
     kh, kw, group_in, features = kernel_shape
     rows = out_grad.shape[0] * out_grad.shape[1] * out_grad.shape[2]
     taps = _tap_slices(lhs, (kh, kw), out_grad.shape[1:3], strides, padding, dilation)
-    if groups == 1 and features < group_in:
-        # XLA:CPU copies a matmul's operand transposed when it contracts its rows; transpose the smaller one,
-        # the output gradient, once for all taps (the first 1x1 of each bottleneck: 4x fewer channels).
-        grad_t = out_grad.reshape(rows, features).T
-        per_tap = [jnp.dot(grad_t, tap.reshape(rows, group_in), preferred_element_type=jnp.float32) for tap in taps]
-        return jnp.stack(per_tap).reshape(kh, kw, features, group_in).transpose(0, 1, 3, 2)
+    if groups == 1:
+        # XLA:CPU copies a matmul operand transposed when the matmul contracts its rows, and left to itself it may
+        # pick the larger one; transpose the smaller side: the output gradient once, or the kernel's taps (1x1
+        # bottleneck layers differ 4x in channels).
+        grad = out_grad.reshape(rows, features)
+        if features < kh * kw * group_in:
+            grad_t = grad.T
+            per_tap = [jnp.dot(grad_t, tap.reshape(rows, group_in), preferred_element_type=jnp.float32)
+                       for tap in taps]
+            return jnp.stack(per_tap).reshape(kh, kw, features, group_in).transpose(0, 1, 3, 2)
+        per_tap = [jnp.dot(tap.reshape(rows, group_in).T, grad, preferred_element_type=jnp.float32) for tap in taps]
+        return jnp.stack(per_tap).reshape(kernel_shape)
     grad = out_grad.reshape(rows, groups, features // groups)
     per_group_taps = []
     for tap in taps:
