@@ -10,7 +10,9 @@ The flag only concerns the CPU backend; GPUs and TPUs ignore it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import sys
 
 YNN_FUSION_TYPE = "--xla_cpu_experimental_ynn_fusion_type"
@@ -51,10 +53,19 @@ def backend_started() -> bool:
 _FLAGS_AT_START: str | None = None
 
 
+def _jaxlib_knows_the_flag() -> bool:
+    """XLA aborts on a flag it does not know; jaxlib 0.10 (the pinned version) knows this one."""
+    try:
+        version = importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2]) >= (0, 10)
+
+
 def configure() -> None:
-    """Adds ``EIGEN_CONVOLUTIONS`` to ``XLA_FLAGS`` if JAX's backend has not started yet."""
+    """Adds ``EIGEN_CONVOLUTIONS`` to ``XLA_FLAGS`` if JAX's backend has not started yet (and jaxlib knows it)."""
     global _FLAGS_AT_START
-    if backend_started():
+    if backend_started() or not _jaxlib_knows_the_flag():
         return
     os.environ["XLA_FLAGS"] = with_eigen_convolutions(os.environ.get("XLA_FLAGS", ""))
     _FLAGS_AT_START = os.environ["XLA_FLAGS"]

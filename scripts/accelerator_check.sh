@@ -4,6 +4,7 @@
 #   train_float32    the same in float32
 #   dcn_bfloat16     benchmark_dcn in bfloat16 (the head's P3 level at 800x1344)
 #   peer             scripts/benchmark_peer.py on the GPU, once it has landed (else recorded as "not landed")
+#   peer_bfloat16    the same with --dtype=bfloat16 (ours bfloat16 compute, mmdetection torch.autocast)
 #   predict          scripts/benchmark_predict.py, once it has landed (else recorded as "not landed")
 # each under `timeout`, and collects everything into DIR/accelerator_check.json (the benchmarks' own JSON,
 # per attempt: exit status, seconds, out-of-memory, the end of stderr), DIR/accelerator_check.md (the table it
@@ -26,7 +27,8 @@
 # FILE is a JSON object; its "images_per_second", "mfu", "peak_memory_gib" and "batch_per_device", where present,
 # go into the table. Their extra packages go into WHEELS below.
 #
-# Other options: --budget_s=N (the whole run's seconds; default 480, smoke 300); --allow_cpu (without it, a full
+# Other options: --only=STEP,STEP (run these of the steps above, in their order; the budget is shared by them);
+# --budget_s=N (the whole run's seconds; default 480, smoke 300); --allow_cpu (without it, a full
 # run whose jax sees no accelerator runs nothing, records the commands and exits 1, rather than spend the
 # machine's minutes on a CPU); --simulate_oom=DTYPE (the first train attempt in DTYPE reports out-of-memory
 # without running, to exercise the fallback; the CI test uses it).
@@ -45,6 +47,7 @@ ALLOW_CPU=0
 FETCH=0
 SIMULATE_OOM=""
 BUDGET=""
+ONLY=""
 OUT_DIR="${OUT:-accelerator_results}"
 while (($#)); do
   case "$1" in
@@ -54,6 +57,7 @@ while (($#)); do
     --out) OUT_DIR="${2:?--out needs a folder}"; shift ;;
     --out=*) OUT_DIR="${1#--out=}" ;;
     --budget_s=*) BUDGET="${1#--budget_s=}" ;;
+    --only=*) ONLY="${1#--only=}" ;;
     --simulate_oom=*) SIMULATE_OOM="${1#--simulate_oom=}" ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "accelerator_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -196,10 +200,26 @@ else
   PEER_FLAGS=(--device=gpu)
   PREDICT_FLAGS=()
 fi
-STEPS=(train_bfloat16 train_float32 dcn_bfloat16 peer predict)
-declare -A WEIGHT=([train_bfloat16]=160 [train_float32]=130 [dcn_bfloat16]=30 [peer]=90 [predict]=40)
+STEPS=(train_bfloat16 train_float32 dcn_bfloat16 peer peer_bfloat16 predict)
+# The smoke run leaves out peer_bfloat16 by default: the same script and path as peer, a minute more of CI.
+((SMOKE)) && [[ -z "$ONLY" ]] && STEPS=(train_bfloat16 train_float32 dcn_bfloat16 peer predict)
+declare -A WEIGHT=([train_bfloat16]=160 [train_float32]=130 [dcn_bfloat16]=30 [peer]=90 [peer_bfloat16]=80
+                   [predict]=40)
 declare -A SCRIPT=([train_bfloat16]=benchmark_train [train_float32]=benchmark_train [dcn_bfloat16]=benchmark_dcn
-                   [peer]=benchmark_peer [predict]=benchmark_predict)
+                   [peer]=benchmark_peer [peer_bfloat16]=benchmark_peer [predict]=benchmark_predict)
+if [[ -n "$ONLY" ]]; then
+  for name in ${ONLY//,/ }; do
+    if [[ -z "${WEIGHT[$name]:-}" ]]; then
+      echo "accelerator_check: --only: unknown step $name (steps: ${STEPS[*]})" >&2
+      exit 2
+    fi
+  done
+  SELECTED=()
+  for name in "${STEPS[@]}"; do
+    [[ ",$ONLY," == *",$name,"* ]] && SELECTED+=("$name")
+  done
+  STEPS=("${SELECTED[@]}")
+fi
 
 # One line of attempts.tsv: name, script, kind (ran|not_landed|skipped|no_accelerator), batch, exit status,
 # seconds, limit, JSON, log, command.
@@ -216,6 +236,7 @@ step_command() {
                   "--config.model.dtype=${name#train_}" "--out=$json") ;;
     dcn_bfloat16) CMD=("$PY" -m scripts.benchmark_dcn "${DCN_FLAGS[@]}" --dtype=bfloat16 "--out=$json") ;;
     peer) CMD=("$PY" -m scripts.benchmark_peer "${PEER_FLAGS[@]}" "--out=$json") ;;
+    peer_bfloat16) CMD=("$PY" -m scripts.benchmark_peer "${PEER_FLAGS[@]}" --dtype=bfloat16 "--out=$json") ;;
     predict) CMD=("$PY" -m scripts.benchmark_predict "${PREDICT_FLAGS[@]}" "--out=$json") ;;
   esac
   if [[ -n "$SIMULATE_OOM" && "$name" == "train_$SIMULATE_OOM" && "$batch" == "$BATCH" ]]; then

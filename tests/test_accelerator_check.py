@@ -11,7 +11,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKED = ("tensorflow", "tensorflow_datasets", "clu")
 # Scripts of other issues: recorded as "not landed" until they exist, then run.
-LATER = {"peer": "scripts/benchmark_peer.py", "predict": "scripts/benchmark_predict.py"}
+LATER = {"peer": "scripts/benchmark_peer.py", "peer_bfloat16": "scripts/benchmark_peer.py",
+         "predict": "scripts/benchmark_predict.py"}
 
 # Installs an import blocker for BLOCKED, imports the module, prints the blocked modules that got loaded.
 _BLOCKED_IMPORT = f"""
@@ -64,6 +65,8 @@ def test_smoke_run_records_every_benchmark(tmp_path):
     assert dcn["status"] == "ok" and dcn["result"]["dtype"] == "bfloat16"
     assert [row["pass"] for row in dcn["result"]["rows"]] == ["forward", "forward+backward"]
     for name, script in LATER.items():
+        if name == "peer_bfloat16":  # full runs only, unless --only names it
+            continue
         if os.path.exists(os.path.join(ROOT, script)):
             assert steps[name]["status"] == "ok", steps[name]
         else:
@@ -84,6 +87,16 @@ def test_full_run_commands_and_nothing_ran_exits_non_zero(tmp_path, args, skippe
         assert "-m scripts.benchmark_train --config=configs/base.py" in command
         assert "--batch_per_device=16" in command and f"--config.model.dtype={dtype}" in command
     assert "-m scripts.benchmark_dcn --dtype=bfloat16" in steps["dcn_bfloat16"]["command"]
+    assert "-m scripts.benchmark_peer --device=gpu --dtype=bfloat16" in steps["peer_bfloat16"]["command"]
     for name, step in steps.items():
         assert step["status"] == ("not landed" if name in LATER and not os.path.exists(
             os.path.join(ROOT, LATER[name])) else skipped), step
+
+
+def test_only_runs_the_named_steps(tmp_path):
+    result, steps, _ = _check(tmp_path, "--smoke", "--only=dcn_bfloat16")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert list(steps) == ["dcn_bfloat16"] and steps["dcn_bfloat16"]["status"] == "ok"
+    unknown = subprocess.run(["bash", "scripts/accelerator_check.sh", "--smoke", "--only=peer,bogus"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "unknown step bogus" in unknown.stderr

@@ -68,3 +68,12 @@ from atss_jax import xla_flags
 print(os.environ.get('XLA_FLAGS', '<unset>'), '|', xla_flags.cpu_convolutions_on_ynn())
 """
     assert _fresh_process(code, None) == "<unset> | True"
+
+
+def test_an_older_jaxlib_gets_no_unknown_flag(monkeypatch):
+    """XLA aborts on flags it does not know: before jaxlib 0.10 nothing is added."""
+    monkeypatch.setattr(xla_flags.importlib.metadata, "version", lambda name: "0.4.30")
+    monkeypatch.setattr(xla_flags, "backend_started", lambda: False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    xla_flags.configure()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
