@@ -48,9 +48,9 @@ def backend_started() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
-# The flags XLA:CPU was started with, when that happened after this module set them; None when JAX's backend
-# was already running (its flags are then unknown here).
-_FLAGS_AT_START: str | None = None
+# Whether configure() ran before JAX's backend started, so that XLA_FLAGS (read once, at the start) says which
+# library runs the convolutions; otherwise the flags the backend started with are unknown here.
+_CONFIGURED_BEFORE_START = False
 
 
 def _jaxlib_knows_the_flag() -> bool:
@@ -64,13 +64,13 @@ def _jaxlib_knows_the_flag() -> bool:
 
 def configure() -> None:
     """Adds ``EIGEN_CONVOLUTIONS`` to ``XLA_FLAGS`` if JAX's backend has not started yet (and jaxlib knows it)."""
-    global _FLAGS_AT_START
+    global _CONFIGURED_BEFORE_START
     if backend_started() or not _jaxlib_knows_the_flag():
         return
     os.environ["XLA_FLAGS"] = with_eigen_convolutions(os.environ.get("XLA_FLAGS", ""))
-    _FLAGS_AT_START = os.environ["XLA_FLAGS"]
+    _CONFIGURED_BEFORE_START = True
 
 
 def cpu_convolutions_on_ynn() -> bool:
     """Whether this process's XLA:CPU runs convolutions with YNNPACK (assumed when its flags are unknown)."""
-    return True if _FLAGS_AT_START is None else ynn_convolutions(os.environ.get("XLA_FLAGS", _FLAGS_AT_START))
+    return not _CONFIGURED_BEFORE_START or ynn_convolutions(os.environ.get("XLA_FLAGS", ""))
