@@ -77,3 +77,12 @@ def test_an_older_jaxlib_gets_no_unknown_flag(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     xla_flags.configure()
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+
+
+def test_the_answer_follows_the_flags_the_backend_will_read(monkeypatch):
+    """After configure(), what XLA_FLAGS holds when the backend starts decides: removed, XLA's default (YNNPACK)."""
+    monkeypatch.setattr(xla_flags, "_CONFIGURED_BEFORE_START", True)
+    monkeypatch.setenv("XLA_FLAGS", xla_flags.EIGEN_CONVOLUTIONS)
+    assert not xla_flags.cpu_convolutions_on_ynn()
+    monkeypatch.delenv("XLA_FLAGS")
+    assert xla_flags.cpu_convolutions_on_ynn()
