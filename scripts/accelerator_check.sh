@@ -22,16 +22,18 @@
 # where it exists, else python3.
 #
 # Scripts that land later are run with these flags, which they must accept:
-#   scripts/benchmark_peer.py     --device=gpu --out=FILE          (smoke: --device=cpu --smoke --out=FILE)
+#   scripts/benchmark_peer.py     --device=gpu --out=FILE          (smoke: --device=cpu --smoke --profile --out=FILE)
 #   scripts/benchmark_predict.py  --out=FILE                       (smoke: --smoke --out=FILE)
 # FILE is a JSON object; its "images_per_second", "mfu", "peak_memory_gib" and "batch_per_device", where present,
 # go into the table. Their extra packages go into WHEELS below.
 #
 # Other options: --only=STEP,STEP (run these of the steps above, in their order; the budget is shared by them);
-# --budget_s=N (the whole run's seconds; default 480, smoke 300); --allow_cpu (without it, a full
-# run whose jax sees no accelerator runs nothing, records the commands and exits 1, rather than spend the
-# machine's minutes on a CPU); --simulate_oom=DTYPE (the first train attempt in DTYPE reports out-of-memory
-# without running, to exercise the fallback; the CI test uses it).
+# --budget_s=N (the steps' seconds, shared out by weight; default 480; a smoke run has none unless given, so
+# that a slow or busy machine never cuts a step short: its steps only stop at the hang guard, an hour each);
+# --allow_cpu (without it, a full run whose jax sees no accelerator runs nothing, records the commands and
+# exits 1, rather than spend the machine's minutes on a CPU); --simulate_oom=DTYPE (the first train attempt in
+# DTYPE reports out-of-memory without running, to exercise the fallback); --simulate_hang=STEP (STEP sleeps
+# until its limit stops it, to exercise the budget). The CI tests use both.
 set -uo pipefail
 
 # What the device lacks for the benchmark path (flax, optax, orbax, absl-py, etils, PyYAML are there), then for
@@ -40,12 +42,16 @@ WHEELS=(ml_collections==1.1.0 mmdet==3.3.0 mmengine==0.10.7 mmcv-lite==2.2.0 pyc
         terminaltables==3.1.10 addict==2.4.0 termcolor==3.3.0 yapf==0.43.0 platformdirs==4.14.9)
 # Modules the benchmark path imports; a missing one makes the run install .whl/.
 REQUIRED=(jax flax optax absl etils yaml numpy ml_collections)
+# A step's limit without a budget: it only stops a hung step (the slowest smoke step seen took about two
+# minutes, on a busy 2-core machine).
+HANG_GUARD_S=3600
 WHEEL_LIMIT_MIB=40
 
 SMOKE=0
 ALLOW_CPU=0
 FETCH=0
 SIMULATE_OOM=""
+SIMULATE_HANG=""
 BUDGET=""
 ONLY=""
 OUT_DIR="${OUT:-accelerator_results}"
@@ -59,6 +65,7 @@ while (($#)); do
     --budget_s=*) BUDGET="${1#--budget_s=}" ;;
     --only=*) ONLY="${1#--only=}" ;;
     --simulate_oom=*) SIMULATE_OOM="${1#--simulate_oom=}" ;;
+    --simulate_hang=*) SIMULATE_HANG="${1#--simulate_hang=}" ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "accelerator_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -71,8 +78,6 @@ if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
 elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
 else PY=python3
 fi
-
-RUN_COMMAND='run(command="bash scripts/accelerator_check.sh", carry=[".whl"], timeout_s=540)'
 
 if ((FETCH)); then
   exclude="$(git rev-parse --git-path info/exclude 2>/dev/null || true)"
@@ -94,8 +99,8 @@ if ((FETCH)); then
     echo "accelerator_check: .whl/ is over $WHEEL_LIMIT_MIB MiB; the working tree must stay under 64 MiB." >&2
     exit 1
   fi
-  echo "On the device, from this repository:"
-  echo "  $RUN_COMMAND"
+  echo "On the accelerator machine, with .whl/ copied beside the repository's files:"
+  echo "  bash scripts/accelerator_check.sh"
   exit 0
 fi
 
@@ -104,7 +109,6 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/accelerator_check.XXXXXX")" || exit 2
 trap 'rm -rf "$WORK"' EXIT
 ATTEMPTS="$WORK/attempts.tsv"
 : >"$ATTEMPTS"
-START=$SECONDS
 export PYTHONUNBUFFERED=1  # the benchmarks' progress lines reach the log before a timeout
 MODE=full
 if ((SMOKE)); then
@@ -112,7 +116,7 @@ if ((SMOKE)); then
   export JAX_PLATFORMS=cpu
   # XLA:CPU compiles about twice as fast without LLVM's optimisations; the tiny steps hardly run slower.
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-  BUDGET="${BUDGET:-300}"
+  # No budget unless given: the smoke run checks that every step works, not that this machine is fast.
 else
   BUDGET="${BUDGET:-480}"
   # One GPU, one benchmark at a time: let it have the card's memory (JAX takes 75% by default).
@@ -141,7 +145,7 @@ if [[ -n "$MISSING" ]]; then
   fi
 fi
 
-echo "== accelerator_check ($MODE), results in $OUT_DIR, budget ${BUDGET} s"
+echo "== accelerator_check ($MODE), results in $OUT_DIR, budget ${BUDGET:+$BUDGET s}${BUDGET:-none (hang guard $HANG_GUARD_S s a step)}"
 if command -v nvidia-smi >/dev/null 2>&1; then
   timeout 30 nvidia-smi -L 2>&1 | tee "$WORK/nvidia_smi.txt"
   timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 \
@@ -191,7 +195,7 @@ if ((SMOKE)); then
   TRAIN_FLAGS=(--config=configs/demo.py:tiny --steps=1)
   BATCH=2; FALLBACK=1
   DCN_FLAGS=(--height=12 --width=16 --channels=8 --groups=2 --batch=1 --repeats=2)
-  PEER_FLAGS=(--device=cpu --smoke)
+  PEER_FLAGS=(--device=cpu --smoke --profile)
   PREDICT_FLAGS=(--smoke)
 else
   TRAIN_FLAGS=(--config=configs/base.py --steps=6)
@@ -241,6 +245,8 @@ step_command() {
   esac
   if [[ -n "$SIMULATE_OOM" && "$name" == "train_$SIMULATE_OOM" && "$batch" == "$BATCH" ]]; then
     CMD=(bash -c 'echo "RESOURCE_EXHAUSTED: Out of memory (simulated by --simulate_oom)" >&2; exit 1')
+  elif [[ "$name" == "$SIMULATE_HANG" ]]; then
+    CMD=(sleep "$HANG_GUARD_S")
   fi
 }
 
@@ -248,6 +254,10 @@ step_command() {
 # over itself and the steps after it that will run.
 step_limit() {
   local i=$1 total=0 j
+  if [[ -z "$BUDGET" ]]; then
+    echo "$HANG_GUARD_S"
+    return
+  fi
   for ((j = i; j < ${#STEPS[@]}; j++)); do
     [[ -e "scripts/${SCRIPT[${STEPS[j]}]}.py" ]] && total=$((total + ${WEIGHT[${STEPS[j]}]}))
   done
@@ -255,6 +265,8 @@ step_limit() {
   echo $((left * ${WEIGHT[${STEPS[i]}]} / (total > 0 ? total : 1)))
 }
 
+# The budget starts with the first step (starting jax above is not shared out).
+START=$SECONDS
 for ((i = 0; i < ${#STEPS[@]}; i++)); do
   name=${STEPS[i]}
   if [[ ! -e "scripts/${SCRIPT[$name]}.py" ]]; then
@@ -298,7 +310,7 @@ for ((i = 0; i < ${#STEPS[@]}; i++)); do
   done
 done
 
-"$PY" - "$WORK" "$OUT_DIR" "$MODE" "$((SECONDS - START))" "$BUDGET" "$WHEEL_NOTE" "$MISSING" <<'EOF'
+"$PY" - "$WORK" "$OUT_DIR" "$MODE" "$((SECONDS - START))" "${BUDGET:-none}" "$WHEEL_NOTE" "$MISSING" <<'EOF'
 """Collects the attempts into accelerator_check.json, .md and .log; exits 1 when no step succeeded."""
 import json
 import os
@@ -364,7 +376,8 @@ for step in steps.values():
             step["fallback"] = (f"{tried[0]['batch_per_device']} images/device ran out of memory; "
                                 f"{tried[-1]['batch_per_device']} used")
 
-results = {"mode": mode, "seconds": int(seconds), "budget_seconds": int(budget), "environment": environment,
+results = {"mode": mode, "seconds": int(seconds), "budget_seconds": None if budget == "none" else int(budget),
+           "environment": environment,
            "steps": list(steps.values())}
 
 
@@ -375,8 +388,8 @@ def number(value, digits=3):
 device = environment.get("device_kind", "?")
 lines = [f"Accelerator check ({mode}): {environment.get('device_count', '?')} x {device}, "
          f"backend {environment.get('backend', '?')}, jax {environment.get('versions', {}).get('jax', '?')}, "
-         f"Python {environment.get('python', '?')}; {seconds} s of a {budget} s budget. MFU is against the "
-         f"device's dense bf16 peak (benchmark_train's table), in float32 too.", "",
+         f"Python {environment.get('python', '?')}; {seconds} s, budget {budget}{'' if budget == 'none' else ' s'}. "
+         f"MFU is against the device's dense bf16 peak (benchmark_train's table), in float32 too.", "",
          "| step | status | batch/device | images/s | step ms | MFU | assignment share | peak GiB | compile s | "
          "note |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
 for step in steps.values():

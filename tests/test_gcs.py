@@ -22,9 +22,10 @@ import pytest
 
 from atss_jax import coco_eval
 from tests import gcs_emulator
+from tests.support import hangs
 
-pytestmark = pytest.mark.skipif(gcs_emulator.unavailable_reason() is not None,
-                                reason=f"gs:// end-to-end test: {gcs_emulator.unavailable_reason()}")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(gcs_emulator.unavailable_reason() is not None,
+                                                  reason=f"gs:// end-to-end test: {gcs_emulator.unavailable_reason()}")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "atss-gcs-test"
@@ -69,13 +70,13 @@ def gcs():
         yield emulator
 
 
-def _run(gcs, args, timeout=300, epath_backend="tensorflow"):
+def _run(gcs, args, epath_backend="tensorflow"):
     """`python args...` in the repository root with every Cloud Storage client pointed at the emulator."""
     start = time.monotonic()
     env = {**os.environ, **gcs.env(epath_backend),
            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()}
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                            env=env)
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=hangs.SUBPROCESS_S, env=env)
     print(f"{time.monotonic() - start:.1f}s: python {' '.join(args[:2])[:80]}")
     assert result.returncode == 0, f"{args}\n{result.stderr[-4000:]}\nemulator log:\n{gcs.server_log()}"
     return result

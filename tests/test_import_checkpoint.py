@@ -16,6 +16,7 @@ from atss_jax import checkpoint, workdirs  # noqa: E402
 from atss_jax.models import mmdet_import  # noqa: E402
 from configs import demo  # noqa: E402
 from scripts import import_checkpoint, mmdet_peer  # noqa: E402
+from tests.support import hangs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny demo config (ResNet-18 of width 16, 32-channel FPN and two-conv head, the 4 synthetic classes) with
@@ -49,6 +50,7 @@ def test_coco_category_names_are_mmdetections():
     assert import_checkpoint.COCO_CATEGORY_NAMES == tuple(CocoDataset.METAINFO["classes"])
 
 
+@pytest.mark.e2e
 def test_import_then_evaluate(synthetic_data_config, tmp_path):
     torch.manual_seed(0)
     state_dict = tiny_mmdet_model().state_dict()
@@ -60,7 +62,7 @@ def test_import_then_evaluate(synthetic_data_config, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     imported = subprocess.run([sys.executable, "-m", "scripts.import_checkpoint", str(source), str(workdir),
                                "--format=mmdet", f"--config={config_file}"],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=hangs.SUBPROCESS_S)
     assert imported.returncode == 0, imported.stderr[-3000:]
     config = workdirs.read_config(workdir)
     assert config.anchors.center_offset == 0.0 and config.eval.score_rule == "mmdetection"
@@ -73,7 +75,7 @@ def test_import_then_evaluate(synthetic_data_config, tmp_path):
         for name, value in _leaves(expected[collection]):
             np.testing.assert_array_equal(_get(restored[collection], name), value, err_msg="/".join(name))
     evaluated = subprocess.run([sys.executable, "-m", "atss_jax.main", "--mode=eval", f"--workdir={workdir}"],
-                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=hangs.SUBPROCESS_S)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert (workdir / "metrics.json").exists()
     assert (checkpoint.checkpoint_dir(workdir) / "0").exists()

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from flax import traverse_util
 
 from atss_jax import init_from, train_step
@@ -17,6 +18,7 @@ from atss_jax.data import pipeline
 from atss_jax.models.detector import build_detector, init_detector
 from configs import demo
 from scripts.import_checkpoint import write_workdir
+from tests.support import hangs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +49,7 @@ def _flat(variables):
     return traverse_util.flatten_dict(jax.device_get(variables))
 
 
+@pytest.mark.e2e
 def test_every_layer_of_the_same_shape_loads_and_the_class_layer_starts_at_the_prior(synthetic_data_config,
                                                                                      tmp_path):
     """Through create_training (the hook): a 3-class detector from a 5-class one."""
@@ -90,24 +93,26 @@ def test_class_rows_are_mapped_by_name(synthetic_data_config, tmp_path):
         assert not np.array_equal(loaded[..., 1], trained[leaf][..., 1])  # names[1] is not in the source
 
 
+@pytest.mark.e2e
 def test_fine_tuning_runs(synthetic_data_config, tmp_path):
     source, _ = source_workdir(synthetic_data_config, tmp_path / "source", tuple("abcdefg"))
     command = [sys.executable, "-m", "atss_jax.main", "--config=configs/demo.py:tiny", f"--workdir={tmp_path / 'run'}",
                f"--config.data.data_dir={synthetic_data_config.data_dir}", f"--config.init_from={source}",
                "--config.train.num_steps=2", "--config.optimizer.base_lr=0.001"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=hangs.SUBPROCESS_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Initialised from" in result.stderr
     assert os.path.exists(tmp_path / "run" / "finished.json")
 
 
+@pytest.mark.e2e
 def test_compare_finetune_writes_its_table(synthetic_data_config, tmp_path):
     shapes = ("rectangle", "ellipse", "triangle", "cross")
     source, _ = source_workdir(synthetic_data_config, tmp_path / "source", shapes)
     command = [sys.executable, "-m", "scripts.compare_finetune", f"--source={source}", f"--root={tmp_path / 'cmp'}",
                "--steps=1", "--num_train=8", "--num_validation=4", "--classes=triangle,rectangle",
                "--config.optimizer.base_lr=0.001"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=hangs.SUBPROCESS_S)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "cmp" / "compare_finetune.md").read_text()
     assert all(f"| {run} |" in table for run in ("scratch", "init_from", "class_map"))

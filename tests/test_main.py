@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from tests.support import hangs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What makes JAX's cluster detection find a job on this machine; removed so that it finds none.
 CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "PMIX_SERVER_URI2",
@@ -12,8 +14,8 @@ CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_h
 
 def _python(args, **env):
     clean = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARIABLES}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**clean, **env})
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=hangs.SUBPROCESS_S, env={**clean, **env})
 
 
 def test_coco_config_on_cpu_stops_before_any_work_and_says_why(tmp_path):
@@ -39,6 +41,8 @@ def test_without_a_cluster_auto_stays_one_process_and_on_is_an_error():
     script = """
 import jax
 from atss_jax import parallel
+
+pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 assert parallel.initialize_distributed("auto") is False
 assert not jax.distributed.is_initialized()
 try:

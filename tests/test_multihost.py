@@ -17,7 +17,10 @@ import sys
 import numpy as np
 import pytest
 
+from tests.support import hangs
 from tests.test_train import ROOT, _config, _run_training, assert_same_training
+
+pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 
 
 def _free_port() -> int:
@@ -47,7 +50,7 @@ def _run_two_hosts(workdir, data_dir, *flags, detected=True):
                               f"--process_id={i}"], env))
     processes = [subprocess.Popen(command, cwd=ROOT, env=process_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for command, process_env in commands]
-    outputs = [p.communicate(timeout=900) for p in processes]
+    outputs = [p.communicate(timeout=hangs.SUBPROCESS_S) for p in processes]
     for p, (_, stderr) in zip(processes, outputs):
         assert p.returncode == 0, stderr[-3000:]
     for i, (_, stderr) in enumerate(outputs):

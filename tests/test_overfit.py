@@ -19,6 +19,8 @@ from atss_jax.models.detector import build_detector
 from configs import demo
 from tests.cases import paper_grid
 
+pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
+
 CANVAS = (64, 64)
 BOXES = np.array([[4.0, 4.0, 26.0, 22.0], [30.0, 6.0, 60.0, 40.0], [8.0, 34.0, 40.0, 60.0]], np.float32)
 LABELS = np.array([0, 1, 2], np.int32)

@@ -17,6 +17,7 @@ from pycocotools.coco import COCO
 from atss_jax.serving import Detector
 from scripts import predict
 from tests.reference_tta import official_merge
+from tests.support import hangs
 from tests.test_serving_artifact import random_images, tiny_export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +57,7 @@ def test_inputs_names_and_refusals(image_tree):
     predict.plan_outputs(clash, epath.Path(tmp_path / "in"), draw=False)
 
 
+@pytest.mark.e2e
 def test_predict_command_line_streams_and_reports_a_bad_file(image_tree):
     tmp_path, _, images = image_tree
     export_dir = tiny_export(str(tmp_path / "export"))
@@ -65,7 +67,7 @@ def test_predict_command_line_streams_and_reports_a_bad_file(image_tree):
     result = subprocess.run(
         [sys.executable, "-m", "scripts.predict", f"--export_dir={export_dir}", f"--out_dir={tmp_path / 'out'}",
          "--batch_per_device=1", str(tmp_path / "in" / "a"), str(tmp_path / "in" / "b" / "*.jpg")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        cwd=ROOT, capture_output=True, text=True, timeout=hangs.SUBPROCESS_S, env=env)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "cannot read" in result.stderr and "bad.jpg" in result.stderr
     out = tmp_path / "out"

@@ -9,13 +9,16 @@ import pytest
 
 from atss_jax import coco_eval, workdirs
 from configs import demo
+from tests.support import hangs
+
+pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(args, **env):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, **env})
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=hangs.SUBPROCESS_S, env={**os.environ, **env})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -31,7 +34,7 @@ def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     data_dir = tmp_path_factory.mktemp("demo_data")
     result = subprocess.run(["bash", "scripts/demo.sh", f"--config.data.data_dir={data_dir}", *SMALL_DEMO, *PROFILE],
-                            cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            cwd=ROOT, capture_output=True, text=True, timeout=hangs.SUBPROCESS_S,
                             env={**os.environ, "WORKDIR": str(workdir)})
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, data_dir, result.stdout
@@ -142,11 +145,12 @@ def test_benchmark_assign_checks_agreement_and_writes_its_table(tmp_path):
         assert f"{row['agreement']:>8.4f}" in printed and row["per_image_design"] in printed
 
 
-def test_benchmark_train_times_the_step_with_and_without_the_assigner(tmp_path):
-    out = tmp_path / "train.json"
-    _run(["-m", "scripts.benchmark_train", "--config=configs/demo.py:tiny", "--batch_per_device=2", "--steps=1",
-          f"--out={out}"])
-    result = json.loads(out.read_text())
+def test_benchmark_train_times_the_step_with_and_without_the_assigner(accelerator_smoke):
+    # accelerator_check.sh's smoke step: benchmark_train --config=configs/demo.py:tiny --steps=1 at 2 images.
+    step = accelerator_smoke.steps["train_float32"]
+    assert step["status"] == "ok"
+    assert "-m scripts.benchmark_train --config=configs/demo.py:tiny --steps=1" in step["attempts"][-1]["command"]
+    result = step["result"]
     assert result["canvas"] == [128, 160] and result["batch_per_device"] == 2
     assert result["step_ms"] > 0 and result["step_ms_precomputed_assignment"] > 0
     assert 0 <= result["assignment_share"] < 1 and result["gflops_per_image"] > 0

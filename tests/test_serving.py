@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from tests.support import hangs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Training-only packages and this project's training-side modules.
 TRAINING_MODULES = ("optax", "clu", "tensorflow_datasets", "pycocotools", "faster_coco_eval", "atss_jax.train",
@@ -15,7 +17,8 @@ TRAINING_MODULES = ("optax", "clu", "tensorflow_datasets", "pycocotools", "faste
 def test_serving_imports_no_training_code():
     program = ("import json, sys; import atss_jax.serving, scripts.predict; "
                "print(json.dumps(sorted(sys.modules)))")
-    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True,
+                            timeout=hangs.SUBPROCESS_S)
     assert result.returncode == 0, result.stderr[-3000:]
     imported = set(json.loads(result.stdout.strip().splitlines()[-1]))
     assert {"atss_jax.serving", "atss_jax.inference", "atss_jax.models.detector", "flax"} <= imported

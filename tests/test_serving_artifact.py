@@ -17,6 +17,7 @@ from atss_jax.anchors import anchors_per_location
 from atss_jax.data import transforms
 from atss_jax.models.detector import build_detector, init_detector
 from configs import demo
+from tests.support import hangs
 
 CATEGORY_NAMES = ("circle", "square", "triangle", "star")
 
@@ -88,6 +89,7 @@ print(json.dumps(signature))
 """
 
 
+@pytest.mark.e2e
 def test_artifact_detects_as_the_detector_with_jax_alone(export_dir, tmp_path):
     images = random_images([(96, 128), (150, 100), (128, 160), (40, 300), (64, 64)])
     detector = serving.Detector(export_dir, batch_size=2)
@@ -101,7 +103,8 @@ def test_artifact_detects_as_the_detector_with_jax_alone(export_dir, tmp_path):
                                                                                 np.int32), raw=raw)
     # Five images through an artifact exported with a symbolic batch (the Detector ran batches of two).
     result = subprocess.run([sys.executable, "-c", SERVE, export_dir, str(tmp_path / "inputs.npz"),
-                             str(tmp_path / "out.npz")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             str(tmp_path / "out.npz")], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=hangs.SUBPROCESS_S,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]
     signature = json.loads(result.stdout.strip().splitlines()[-1])

@@ -2,8 +2,12 @@
 
 import json
 
+import pytest
+
 from atss_jax import coco_eval, workdirs
 from tests.test_scripts import _run
+
+pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 
 
 def test_sweep_prints_commands_for_any_field_and_collects(tmp_path):

@@ -52,6 +52,7 @@ def test_tal_matches_mmdetection(seed):
     assert counts[:-1].sum() > 0  # the cases do exercise positives
 
 
+@pytest.mark.e2e
 def test_tal_switches_from_atss_at_the_warmup_step_without_recompiling():
     config = base.get_config()
     config.assigner.name = "tal"
@@ -104,6 +105,7 @@ class _AnchorWiseModel(nn.Module):
         return tuple(jnp.broadcast_to(x, (batch, *x.shape)) for x in (logits, regression, centerness))
 
 
+@pytest.mark.e2e
 def test_train_step_assigns_on_its_own_predictions_after_the_warmup():
     """Step 0 assigns with ATSS (its positives as ATSS's on the batch); step 1 with TAL on the predictions of the
     parameters it starts from, the classification learning the soft targets through QFL."""

@@ -17,6 +17,9 @@ from atss_jax.data import pipeline, synthetic
 from atss_jax.models.detector import abstract_variables, build_detector
 from atss_jax.serving import Detector
 from configs import demo
+from tests.support import hangs
+
+pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +35,7 @@ def _run_training(workdir, data_dir, devices, *overrides):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     command = [sys.executable, "-m", "atss_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
                f"--config.data.data_dir={data_dir}", *overrides]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=hangs.SUBPROCESS_S)
 
 
 def _final_state(config, workdir, step=None):

@@ -234,6 +234,7 @@ def _evaluate_with_tta(trained, **tta_settings):
     return config, summary, detections
 
 
+@pytest.mark.e2e
 def test_the_plain_view_alone_reproduces_the_plain_evaluation_exactly(trained):
     _, _, plain_summary, plain_detections = trained
     _, summary, detections = _evaluate_with_tta(trained, merge="nms", max_detections=100)
@@ -242,6 +243,7 @@ def test_the_plain_view_alone_reproduces_the_plain_evaluation_exactly(trained):
     assert summary["metrics"] == plain_summary["metrics"]
 
 
+@pytest.mark.e2e
 def test_official_style_views_give_the_official_vote_of_the_separate_views(trained, monkeypatch):
     """The plain view, two scales and every mirror, size ranges and soft voting: the evaluation's detections are
     the official loop's merge of the views it evaluated, whatever that does to AP (on a 400-step model it may
