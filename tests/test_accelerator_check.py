@@ -10,6 +10,8 @@ import pytest
 
 from tests.support import accelerator_check, hangs
 
+pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKED = ("tensorflow", "tensorflow_datasets", "clu")
 # Scripts of other issues: recorded as "not landed" until they exist, then run.
@@ -19,8 +21,6 @@ LATER = {"peer": "scripts/benchmark_peer.py", "peer_bfloat16": "scripts/benchmar
 # Installs an import blocker for BLOCKED, imports the module, prints the blocked modules that got loaded.
 _BLOCKED_IMPORT = f"""
 import importlib.abc, importlib, json, sys
-
-pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 
 class Blocker(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):

@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.support import hangs
+
+pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What makes JAX's cluster detection find a job on this machine; removed so that it finds none.
@@ -41,8 +45,6 @@ def test_without_a_cluster_auto_stays_one_process_and_on_is_an_error():
     script = """
 import jax
 from atss_jax import parallel
-
-pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 assert parallel.initialize_distributed("auto") is False
 assert not jax.distributed.is_initialized()
 try:
