@@ -47,7 +47,6 @@ def _check(tmp_path, *args):
     return check.process, check.steps, check.results
 
 
-@pytest.mark.e2e
 def test_smoke_run_records_every_benchmark(accelerator_smoke):
     # bf16's first attempt reports out-of-memory (simulated), so the fallback batch is exercised too.
     result, steps, results = accelerator_smoke.process, accelerator_smoke.steps, accelerator_smoke.results
@@ -80,16 +79,16 @@ def test_smoke_run_records_every_benchmark(accelerator_smoke):
     assert written == [f"accelerator_check.{ext}" for ext in ("json", "log", "md")]
 
 
-@pytest.mark.e2e
 def test_budget_stops_a_hung_step_and_skips_what_no_longer_fits(tmp_path):
-    # 24 s for two steps weighted 130:30; train_float32 hangs (simulated) and is stopped at its share, 24 * 130 /
-    # 160 = 19 s (18 if a second boundary passed first); the 5 s left are under the 15 s a step needs.
+    # 24 s for two steps weighted 130:30; train_float32 hangs (simulated) and is stopped at its share, at most
+    # 24 * 130 / 160 = 19 s and at least the 15 s a step needs to start; what is left (at most 24 - 15) is under
+    # those 15 s, so dcn_bfloat16 is skipped, however slowly the script itself runs.
     result, steps, results = _check(tmp_path, "--smoke", "--budget_s=24", "--only=train_float32,dcn_bfloat16",
                                     "--simulate_hang=train_float32")
     assert result.returncode == 1 and results["budget_seconds"] == 24  # nothing succeeded
     (hung,) = steps["train_float32"]["attempts"]
     assert steps["train_float32"]["status"] == "timeout" and hung["exit_status"] in (124, 137), hung
-    assert hung["limit_seconds"] in (18, 19) and hung["seconds"] >= hung["limit_seconds"] - 1, hung
+    assert 15 <= hung["limit_seconds"] <= 19 and hung["seconds"] >= hung["limit_seconds"] - 1, hung
     assert steps["dcn_bfloat16"]["status"] == "skipped: budget spent" and not steps["dcn_bfloat16"]["attempts"]
     assert "| train_float32 | timeout |" in result.stdout
 
