@@ -8,8 +8,9 @@ r"""Entry point: train (with periodic evaluation) or evaluate a checkpoint.
 Exit codes: 0 done; 1 an error (its cause is the first line printed after the log); 143
 (`preemption.PREEMPTED_EXIT_CODE`, 128 + SIGTERM) stopped by SIGTERM after saving: run the same command to resume.
 
-Every host of a multi-host job runs the same command; `jax.distributed.initialize()` connects them
-wherever JAX detects a cluster (Cloud TPU VMs, SLURM, Open MPI, GKE, JAX_COORDINATOR_ADDRESS).
+Every process of a multi-process job runs the same command; `atss_jax.cluster` joins the job the launcher
+describes (srun, mpirun, an indexed Kubernetes Job, JAX_COORDINATOR_ADDRESS, a Cloud TPU VM slice) and picks
+the GPUs each process drives (one process per GPU or one per node).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None, "eval mode: the
 _ALLOW_CPU = flags.DEFINE_bool("allow_cpu", False, "Run a config that declares it needs an accelerator "
                                "(config.requires_accelerator: the COCO configs) on a CPU-only JAX anyway.")
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"], "auto: jax.distributed.initialize() where JAX detects a "
-    "cluster (TPU VM slice, SLURM, Open MPI, GKE, JAX_COORDINATOR_ADDRESS); on: require it; off: one process.")
+    "distributed", "auto", ["auto", "on", "off"], "auto: join the multi-process job the launcher started (srun, "
+    "mpirun, an indexed Kubernetes Job, JAX_COORDINATOR_ADDRESS) or, when training, the Cloud TPU VM slice; "
+    "on: the same, where finding none is an error (also joins a TPU slice to evaluate); off: one process.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters JAX does "
                                    "not detect by itself (also needs --num_processes and --process_id).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the job (with --coordinator_address).")
@@ -53,10 +55,15 @@ def check_backend(config, allow_cpu: bool) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from atss_jax import parallel
+    from atss_jax import cluster, parallel
 
-    # Before anything touches a JAX backend.
-    parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    # Before anything touches a JAX backend. Evaluation joins a TPU slice only when asked (--distributed=on):
+    # run alone on one worker, or on a VM beside the training job, it must not wait for the slice.
+    mode = "launcher" if _MODE.value == "eval" and _DISTRIBUTED.value == "auto" else _DISTRIBUTED.value
+    try:
+        cluster.join(mode, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except cluster.ClusterError as error:
+        raise SystemExit(f"ClusterError: {error}") from None
     import tensorflow as tf
 
     # TF only feeds data: keep it off the accelerators.

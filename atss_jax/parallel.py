@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -39,37 +38,6 @@ def local_rows(array: jax.Array) -> np.ndarray:
 def is_main_process() -> bool:
     """Process 0 writes what exists once per job (merged metrics, config, exports' metadata)."""
     return jax.process_index() == 0
-
-
-# What jax.distributed.initialize() says when it finds no cluster in the environment and no coordinator.
-_NO_CLUSTER = "coordinator_address should be defined"
-
-
-def initialize_distributed(mode: str, coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
-    """Connects the processes of a multi-host job; returns whether ``jax.distributed`` was initialised.
-
-    Must run before anything touches a JAX backend. ``mode``:
-      "auto": JAX's own cluster detection, the call a Cloud TPU VM, SLURM, Open MPI, GKE or an
-        exported ``JAX_COORDINATOR_ADDRESS`` needs (a TPU VM finds its slice through the metadata
-        server, without any environment variable); a plain machine stays a single process.
-      "on": the same call, where not finding a cluster is an error.
-      "off": a single process whatever the environment.
-    The explicit arguments are for clusters JAX does not detect (all three together).
-    """
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"distributed mode {mode!r}: use 'auto', 'on' or 'off'.")
-    if mode == "off":
-        return False
-    try:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    except ValueError as error:
-        if mode == "auto" and coordinator_address is None and _NO_CLUSTER in str(error):
-            logging.info("No cluster detected (TPU VM, SLURM, Open MPI, GKE, JAX_COORDINATOR_ADDRESS): one process.")
-            return False
-        raise ValueError(f"jax.distributed.initialize() failed ({error}). With --distributed=on, JAX must detect "
-                         "a cluster, or pass --coordinator_address, --num_processes and --process_id.") from error
-    return True
 
 
 def describe_devices() -> str:

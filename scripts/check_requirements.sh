@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI: every install set must resolve, so that a broken pin fails here and not on a user's machine. For each set
-# (cpu, cpu + test, cuda12, tpu; Python 3.11 to 3.13; macOS on Apple silicon) pip's own resolver runs in
+# (cpu, cpu + test, cuda12, tpu, k8s; Python 3.11 to 3.13; macOS on Apple silicon) pip's own resolver runs in
 # dry-run mode, in a throwaway virtual environment, installing nothing: once on the pinned requirement file
 # together with pyproject.toml's matching extra (what scripts/setup.sh installs, and the pins must lie in
 # pyproject's ranges), once on the extra alone (what `pip install -e .[extra]` picks). Other platforms than
@@ -8,7 +8,7 @@
 # markers evaluated for that platform (pip evaluates them for the running interpreter even with --platform,
 # so a small wrapper sets pip's marker environment to the target's). Sdist-only dependencies (promise) are
 # built here once as wheels and offered to those runs. Needs only the package index: pip reads the wheels'
-# metadata (PEP 658) and downloads no large wheel. Takes about two to four minutes (13 resolutions). Exit status 1 names the sets
+# metadata (PEP 658) and downloads no large wheel. Takes about two to four minutes (14 resolutions). Exit status 1 names the sets
 # that did not resolve. PYTHON picks the interpreter (default: python3, 3.11+).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -117,6 +117,8 @@ for set in cpu test cuda12 tpu; do
   check "$set: $file + -e $project, linux py3.11" linux 3.11 "${flag[@]}" -- -r "$file" -e "$project"
   check "$set: -e $project, linux py3.11" linux 3.11 "${flag[@]}" -- -e "$project"
 done
+# Kubernetes: the CPU pins plus the extra that lets JAX read an indexed Job (the kubernetes package).
+check "k8s: requirements.txt + -e .[k8s], linux py3.11" linux 3.11 --no-torch -- -r requirements.txt -e ".[k8s]"
 for pyver in 3.12 3.13; do
   check "test: requirements-test.txt + -e .[test], linux py$pyver" linux "$pyver" -- \
     -r requirements-test.txt -e ".[test]"

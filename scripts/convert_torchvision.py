@@ -22,10 +22,11 @@ def main(argv: list[str]) -> None:
     if len(argv) != 3:
         raise SystemExit(__doc__)
     state = load_state_dict(argv[1])
-    out = argv[2] if argv[2].endswith(".npz") else argv[2] + ".npz"  # as np.savez names a path
+    out = epath.Path(argv[2] if argv[2].endswith(".npz") else argv[2] + ".npz")  # as np.savez names a path
     buffer = io.BytesIO()
     np.savez(buffer, **state)
-    epath.Path(out).write_bytes(buffer.getvalue())
+    out.parent.mkdir(parents=True, exist_ok=True)  # e.g. /data/weights/ on a fresh machine
+    out.write_bytes(buffer.getvalue())
     print(f"wrote {len(state)} arrays to {out}")
 
 

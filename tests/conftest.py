@@ -8,14 +8,17 @@ import pytest
 
 from atss_jax.data import datasets
 from configs import demo
-from tests.support import accelerator_check
+from tests.support import accelerator_check, launch
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """A persistent XLA compilation cache in pytest's cache folder (.pytest_cache/d/xla_compilation_cache),
     shared by the xdist workers and by the subprocesses they start: trainings of the same program in and out
     of this process compile once per run, and a rerun reuses the programs whose code did not change (its key is
-    the program, the flags and the jax version, so a stale entry is never used; `--cache-clear` empties it)."""
+    the program, the flags and the jax version, so a stale entry is never used; `--cache-clear` empties it).
+    Without pytest's cache (`-p no:cacheprovider`) every program compiles afresh."""
+    if not hasattr(config, "cache"):
+        return
     directory = str(config.cache.mkdir("xla_compilation_cache"))
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -54,19 +57,19 @@ def synthetic_data_config(tmp_path_factory) -> ml_collections.ConfigDict:
 
 @pytest.fixture(scope="session")
 def tiny_trainings(synthetic_data_config, tmp_path_factory) -> tuple[str, dict[int, str]]:
-    """(data_dir, {devices: workdir}): the tiny config trained for 3 steps in a fresh process on 1 device and on
-    8 simulated devices (same global batch); shared by the trainer and multi-host tests, which must not write
-    into these workdirs."""
+    """(data_dir, {devices: workdir}): the tiny config trained for 3 steps on 1 device in a fresh process, and on
+    8 devices as a simulated 2-host job (2 processes x 4 CPU devices started with SLURM's variables, one task per
+    node) with the same global batch; shared by the trainer, multi-host, launcher and reliability tests, which
+    must not write into these workdirs."""
     from tests.test_train import _run_training
 
     data_dir = synthetic_data_config.data_dir
-    workdirs = {}
-    for devices in (1, 8):
-        workdir = str(tmp_path_factory.mktemp(f"train_{devices}"))
-        result = _run_training(workdir, data_dir, devices)
-        assert result.returncode == 0, result.stderr[-3000:]
-        workdirs[devices] = workdir
-    return data_dir, workdirs
+    single = str(tmp_path_factory.mktemp("train_1"))
+    result = _run_training(single, data_dir, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two_hosts = str(tmp_path_factory.mktemp("train_8_on_2_hosts"))
+    launch.run_two_hosts(two_hosts, data_dir)
+    return data_dir, {1: single, 8: two_hosts}
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The entry point's start-up: no silent CPU training, JAX's cluster detection, the start-up line."""
+"""The entry point's start-up: no silent CPU training, joining a job or refusing in one line, the start-up line."""
 
 import os
 import subprocess
@@ -41,23 +41,31 @@ def test_allow_cpu_lets_a_coco_config_start(tmp_path):
     assert "needs an accelerator" not in result.stderr and "not prepared" in result.stderr
 
 
-def test_without_a_cluster_auto_stays_one_process_and_on_is_an_error():
+def test_without_a_cluster_auto_stays_one_process():
     script = """
 import jax
-from atss_jax import parallel
-assert parallel.initialize_distributed("auto") is False
+from atss_jax import cluster, parallel
+assert cluster.join("auto") is None and cluster.join("off") is None
 assert not jax.distributed.is_initialized()
-try:
-    parallel.initialize_distributed("on")
-except ValueError as error:
-    print("refused:", error)
-assert parallel.initialize_distributed("off") is False
 print(parallel.describe_devices())
 """
     result = _python(["-c", script])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "refused:" in result.stdout and "--coordinator_address" in result.stdout
     assert "JAX backend cpu: 1 local x cpu, 1 devices in all; process 0 of 1" in result.stdout
+
+
+@pytest.mark.parametrize("flags, environment, message", [
+    (["--distributed=on"], {}, "ClusterError: --distributed=on but no job was found"),
+    ([], {"JAX_COORDINATOR_ADDRESS": "localhost:1234"}, "ClusterError: JAX_COORDINATOR_ADDRESS is set but "
+                                                          "JAX_NUM_PROCESSES is not"),
+])
+def test_a_launch_that_cannot_work_is_one_line_without_traceback(tmp_path, flags, environment, message):
+    result = _python(["-m", "atss_jax.main", "--config=configs/demo.py:tiny", f"--workdir={tmp_path / 'w'}", *flags],
+                     **environment)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_new_run_without_config_names_what_is_missing(tmp_path):

@@ -73,13 +73,13 @@ def test_runtime_set_agrees_with_requirements_txt():
         assert req.specifier, f"requirements.txt: {name} is not pinned"
 
 
-def test_tensorflow_cpu_except_on_apple_silicon():
+def test_tensorflow_cpu_except_on_arm():
     _, pinned = _read("requirements.txt")
     by_name = {name: req for (name, _), req in pinned.items()}
     cpu, full = by_name["tensorflow-cpu"], by_name["tensorflow"]
     assert cpu.specifier == full.specifier
     for env, want in [({"sys_platform": "linux", "platform_machine": "x86_64"}, cpu),
-                      ({"sys_platform": "linux", "platform_machine": "aarch64"}, cpu),
+                      ({"sys_platform": "linux", "platform_machine": "aarch64"}, full),
                       ({"sys_platform": "darwin", "platform_machine": "x86_64"}, cpu),
                       ({"sys_platform": "darwin", "platform_machine": "arm64"}, full)]:
         chosen = [r for r in (cpu, full) if r.marker.evaluate(env)]

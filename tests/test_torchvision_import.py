@@ -222,3 +222,13 @@ def test_files_that_would_run_code_are_refused(tmp_path):
     assert not marker.exists()
     torch.load(pth, weights_only=False)  # the payload is real: a trusting reader runs it
     assert marker.is_dir()
+
+
+def test_conversion_makes_the_output_folder(tmp_path):
+    from scripts import convert_torchvision
+
+    state = {"conv1.weight": torch.arange(6, dtype=torch.float32).reshape(1, 1, 2, 3)}
+    torch.save(state, tmp_path / "r.pth")
+    out = tmp_path / "weights" / "fresh" / "r.npz"
+    convert_torchvision.main(["convert_torchvision", str(tmp_path / "r.pth"), str(out)])
+    np.testing.assert_array_equal(load_state_dict(out)["conv1.weight"], state["conv1.weight"].numpy())

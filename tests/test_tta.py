@@ -201,17 +201,20 @@ def test_views_of_different_images_are_refused():
         tta.merge_views([first, second], _plain_views(2), _eval_config("nms", 4))
 
 
+TRAINED_STEPS = 200
+
+
 @pytest.fixture(scope="module")
 def trained(synthetic_data_config, tmp_path_factory):
-    """A tiny model trained for 400 steps on the tiny synthetic set, and its plain evaluation.
+    """A tiny model trained for ``TRAINED_STEPS`` steps on the tiny synthetic set, and its plain evaluation.
 
-    Evaluation reads the training images: what the check needs is a model that detects well (about 45
-    AP here); held-out AP at that level needs minutes more training than a test can take.
+    Evaluation reads the training images: what the checks need is a model whose views overlap in many
+    detections for the merges to act on; held-out quality needs minutes more training than a test can take.
     """
     config = demo.get_config("tiny")
     config.data.data_dir = synthetic_data_config.data_dir
     config.data.eval_split = "train"
-    config.train.num_steps = 400
+    config.train.num_steps = TRAINED_STEPS
     config.train.checkpoint_every = 1000
     config.train.log_every = 100
     config.optimizer.base_lr = 0.05
@@ -221,7 +224,7 @@ def trained(synthetic_data_config, tmp_path_factory):
     config.eval.batch_per_device = 8
     workdir = tmp_path_factory.mktemp("tta_train")
     summary = train.train_and_evaluate(config, str(workdir))
-    detections = json.loads((workdir / "eval" / "step_400" / "detections_host0.json").read_text())
+    detections = json.loads((workdir / "eval" / f"step_{TRAINED_STEPS}" / "detections_host0.json").read_text())
     return config, workdir, summary, detections
 
 
@@ -230,7 +233,7 @@ def _evaluate_with_tta(trained, **tta_settings):
     config = config.copy_and_resolve_references()
     config.eval.tta.update(enabled=True, **tta_settings)
     summary = evaluator.evaluate_checkpoint(config, str(workdir))
-    detections = json.loads((workdir / "eval" / "step_400" / "detections_host0.json").read_text())
+    detections = json.loads((workdir / "eval" / f"step_{TRAINED_STEPS}" / "detections_host0.json").read_text())
     return config, summary, detections
 
 
@@ -246,8 +249,8 @@ def test_the_plain_view_alone_reproduces_the_plain_evaluation_exactly(trained):
 @pytest.mark.e2e
 def test_official_style_views_give_the_official_vote_of_the_separate_views(trained, monkeypatch):
     """The plain view, two scales and every mirror, size ranges and soft voting: the evaluation's detections are
-    the official loop's merge of the views it evaluated, whatever that does to AP (on a 400-step model it may
-    lower it). Each view read its own short side, cap and mirroring."""
+    the official loop's merge of the views it evaluated, whatever that does to AP (on a model trained this briefly it
+    may lower it). Each view read its own short side, cap and mirroring."""
     recorded = []
     predict = evaluator.Evaluator.predict
 
