@@ -1,7 +1,8 @@
 r"""Prepares the configured dataset for the pipeline (ArrayRecord, random access): COCO through TFDS,
 a COCO-format dataset from its annotation files and image folders, or the synthetic demo.
 
-    python -m scripts.prepare_data --config=configs/atss_r50_fpn_1x_coco.py --config.data.data_dir=DIR
+    python -m scripts.prepare_data --config=configs/atss_r50_fpn_1x_coco.py --config.data.data_dir=DIR \
+        [--download_dir=/mnt/disk/coco_zips]
     python -m scripts.prepare_data --config=configs/base.py --config.data.name=coco_format \
         --config.data.coco_format.name=my_data \
         --config.data.coco_format.annotations.train=/data/my/train.json \
@@ -20,6 +21,9 @@ from ml_collections import config_flags
 from atss_jax.data import coco, coco_format, datasets, splits
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose data section names the dataset.")
+_DOWNLOAD_DIR = flags.DEFINE_string(
+    "download_dir", None, "COCO through TFDS: fetch its archives into this local folder first, with downloads that "
+    "resume where an interrupted run stopped (rerun the same command), and prepare from them.")
 _SKIP_BAD_IMAGES = flags.DEFINE_bool(
     "skip_bad_images", False, "COCO-format datasets: leave out images that cannot be decoded (and their "
     "annotations, also in the evaluation ground truth) instead of stopping with the list of them.")
@@ -29,7 +33,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     del argv
     data_config = _CONFIG.value.data
-    builder = datasets.prepare(data_config, skip_bad_images=_SKIP_BAD_IMAGES.value)
+    builder = datasets.prepare(data_config, skip_bad_images=_SKIP_BAD_IMAGES.value, download_dir=_DOWNLOAD_DIR.value)
     sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
     logging.info("Prepared %s in %s: %s; category ids %s", builder.info.full_name, builder.data_dir, sizes,
                  coco.category_ids(builder))

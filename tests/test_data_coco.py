@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from atss_jax import coco_eval
-from atss_jax.data import coco, datasets, pipeline
+from atss_jax.data import coco, datasets, downloads, pipeline
 from configs import demo
 
 # (image id, height, width, grayscale); annotations per image id: (category id, [x, y, w, h], iscrowd).
@@ -331,3 +331,26 @@ def test_validation_json_is_found_only_when_unambiguous(tmp_path, caplog):
         else:
             assert found == {}
             assert f"Found {count} copies of instances_val2017.json" in caplog.text
+
+
+def test_a_download_dir_is_filled_first_and_tfds_reads_the_archives_from_it(tmp_path, monkeypatch):
+    """scripts.prepare_data --download_dir: the resumable downloads (tests/test_downloads.py) run before TFDS,
+    which is given the folder as its manual downloads."""
+    data_dir, zips = str(tmp_path / "tfds"), str(tmp_path / "zips")
+    fetched, manual_dirs = [], []
+    monkeypatch.setattr(downloads, "fetch_all", lambda archives, folder: fetched.append((sorted(archives), folder)))
+    extracted = _write_tree(os.path.join(data_dir, "downloads", "extracted"))
+
+    def download_and_extract(manager, urls):
+        manual_dirs.append(str(manager._manual_dir))
+        return extracted
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
+    config = demo.get_config("tiny").data
+    config.name, config.data_dir = "coco/2017", data_dir
+    datasets.prepare(config, download_dir=zips)
+    assert fetched == [(sorted(downloads.tfds_archives(tfds.builder("coco/2017", data_dir=data_dir))), zips)]
+    assert manual_dirs == [zips]
+    config.name = "synthetic_shapes"
+    with pytest.raises(ValueError, match="synthetic_shapes downloads nothing"):
+        datasets.prepare(config, download_dir=zips)

@@ -87,23 +87,25 @@ AnnotationFiles = Callable[[tfds.core.DatasetBuilder], Mapping[str, str | epath.
 
 
 def prepare_builder(make_builder: Callable[[str | None], tfds.core.DatasetBuilder], data_dir: str | None,
-                    annotation_files: AnnotationFiles) -> tfds.core.DatasetBuilder:
+                    annotation_files: AnnotationFiles,
+                    download_config: tfds.download.DownloadConfig | None = None) -> tfds.core.DatasetBuilder:
     """``make_builder(data_dir)``, prepared as ArrayRecord if it is not yet, with the annotation JSONs
     ``annotation_files(builder)`` of its splits recorded (`record_annotations`) where they are not yet.
 
     ArrayRecord's writer opens local files only (its reader also reads gs://), so a dataset for a bucket is
     prepared in a local temporary folder and copied over, the two files that make TFDS count it as
     prepared last. The local disk needs room for the prepared dataset (and, for COCO, the downloads).
+    ``download_config`` goes to TFDS (e.g. a ``manual_dir`` of downloads made beforehand).
     """
     builder = make_builder(data_dir)
     if builder.is_prepared() or is_local(data_dir):
         if not builder.is_prepared():
-            builder.download_and_prepare(file_format=FILE_FORMAT)
+            builder.download_and_prepare(file_format=FILE_FORMAT, download_config=download_config)
         record_annotations(epath.Path(builder.data_path), annotation_files(builder))
         return builder
     with tempfile.TemporaryDirectory(prefix="atss_prepare_") as local:
         local_builder = make_builder(local)
-        local_builder.download_and_prepare(file_format=FILE_FORMAT)
+        local_builder.download_and_prepare(file_format=FILE_FORMAT, download_config=download_config)
         # Recorded before the copy, while the local downloads exist; copied with the data.
         record_annotations(epath.Path(local_builder.data_path), annotation_files(local_builder))
         _copy_prepared(epath.Path(local_builder.data_path), epath.Path(builder.data_path))
