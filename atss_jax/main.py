@@ -4,6 +4,9 @@ r"""Entry point: train (with periodic evaluation) or evaluate a checkpoint.
         [--config.assigner.topk=7]
     python -m atss_jax.main --workdir=gs://bucket/atss                        # resume with the workdir's config
     python -m atss_jax.main --workdir=gs://bucket/atss --mode=eval [--checkpoint_step=N]
+    python -m atss_jax.main --workdir=gs://bucket/atss --mode=eval --config.data.data_dir=/local/tfds
+
+A `--config.*` override without `--config` applies on top of the workdir's config.json (workdir_config.py).
 
 Exit codes: 0 done; 1 an error (its cause is the first line printed after the log); 143
 (`preemption.PREEMPTED_EXIT_CODE`, 128 + SIGTERM) stopped by SIGTERM after saving: run the same command to resume.
@@ -23,7 +26,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py). Default: the workdir's config.json, i.e. resume or "
-    "evaluate with the config the run was started with.", lock_config=True)
+    "evaluate with the config the run was started with (--config.* overrides apply on top of it).",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// bucket path) for checkpoints, metrics, "
                                "evaluation outputs and the run's config.json.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes from the workdir) or eval only.")
@@ -97,4 +101,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from atss_jax import workdir_config
+
+    app.run(main, argv=workdir_config.with_workdir_config(sys.argv))

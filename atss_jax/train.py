@@ -195,8 +195,8 @@ class _DivergenceGuard:
 
     def _advice(self, kept: list[int]) -> str:
         lower = self.config.optimizer.base_lr / 10
-        command = (f"python -m atss_jax.main --config=<the config file> --workdir={self.workdir} "
-                   f"--config.optimizer.base_lr={lower:g}")
+        # The workdir's config.json holds every other field of this run, the user's overrides included.
+        command = f"python -m atss_jax.main --workdir={self.workdir} --config.optimizer.base_lr={lower:g}"
         if not kept:
             return (f"No checkpoint of before the divergence exists: restarting with a lower learning rate "
                     f"(e.g. {command}) trains from step 0. Or set config.optimizer.clip_grad_norm, or check the data.")

@@ -21,7 +21,10 @@ from atss_jax.models.torchvision_import import load_state_dict
 def main(argv: list[str]) -> None:
     if len(argv) != 3:
         raise SystemExit(__doc__)
-    state = load_state_dict(argv[1])
+    try:
+        state = load_state_dict(argv[1])
+    except (ValueError, FileNotFoundError, ImportError) as error:  # a refused or unreadable file: one line
+        raise SystemExit(f"convert_torchvision: {error}") from None
     out = epath.Path(argv[2] if argv[2].endswith(".npz") else argv[2] + ".npz")  # as np.savez names a path
     buffer = io.BytesIO()
     np.savez(buffer, **state)

@@ -92,7 +92,10 @@ def main(argv):
     if "://" not in workdir:  # Orbax wants absolute local paths
         workdir = str(epath.Path(workdir).resolve())
     config = _CONFIG.value if _CONFIG.value is not None else FORMATS[_FORMAT.value][1]()
-    import_checkpoint(source, workdir, _FORMAT.value, config)
+    try:
+        import_checkpoint(source, workdir, _FORMAT.value, config)
+    except (ValueError, FileNotFoundError) as error:  # a refused or unfit file: the reason alone, in one line
+        raise SystemExit(f"import_checkpoint: {error}") from None
     print(f"Imported {source} into {workdir}: python -m atss_jax.main --mode=eval --workdir={workdir}")
 
 

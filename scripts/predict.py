@@ -5,7 +5,9 @@ r"""Detects objects in images with an inference export; writes COCO-format resul
 
 Inputs are files, folders (their .jpg/.jpeg/.png/.bmp/.gif files, recursively) and globs. Each output is
 named after its image's path relative to the inputs' common folder (`a/x.jpg` -> `a/x.jpg.png`), so no two
-outputs collide; a run that would write over any input stops before any work. In --out_dir:
+outputs collide; a run that would write over any input stops before any work. What an earlier run wrote into
+--out_dir (its JSONs, pictures named `<image>.<ext>.png`) is never read as an input, so --out_dir may lie
+inside an input folder and the same command may run again. In --out_dir:
 
   coco_results.json   COCO results format: [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]
   coco_images.json    the ids: {"images": [{"id", "file_name", "height", "width"}], "categories": [...]}
@@ -47,6 +49,10 @@ RESULT_FILES = ("coco_results.json", "coco_images.json", "detections.json")
 PICTURE_SUFFIX = ".png"
 
 
+class Refused(ValueError):
+    """A command line predict cannot carry out; the message names the arguments to change (printed alone)."""
+
+
 def _absolute(path: epath.Path) -> epath.Path:
     return path if "://" in str(path) else path.resolve()
 
@@ -55,7 +61,7 @@ def expand_inputs(arguments: Sequence[str]) -> list[epath.Path]:
     """Files, folders (their image files, recursively) and globs -> distinct absolute files, in argument order.
 
     Raises:
-      app.UsageError: naming an argument that is no file, a folder without images, or a glob without matches.
+      Refused: naming an argument that is no file, a folder without images, or a glob without matches.
     """
     files, problems = {}, []
     for argument in arguments:
@@ -75,8 +81,18 @@ def expand_inputs(arguments: Sequence[str]) -> list[epath.Path]:
             problems.append(problem)
         files.update((str(_absolute(p)), _absolute(p)) for p in matches)
     if problems:
-        raise app.UsageError("; ".join(problems))
+        raise Refused("; ".join(problems))
     return list(files.values())
+
+
+def is_earlier_output(path: epath.Path, out_dir: epath.Path) -> bool:
+    """Whether `path` (absolute) is a file predict writes into `out_dir`: a result JSON, or a picture named
+    `<image>.<ext>.png`."""
+    if not str(path).startswith(str(out_dir).rstrip("/") + "/"):
+        return False
+    name = path.name
+    return name in RESULT_FILES or (name.endswith(PICTURE_SUFFIX) and
+                                    epath.Path(name[:-len(PICTURE_SUFFIX)]).suffix.lower() in IMAGE_SUFFIXES)
 
 
 def output_names(files: Sequence[epath.Path]) -> list[str]:
@@ -93,7 +109,7 @@ def plan_outputs(files: Sequence[epath.Path], out_dir: epath.Path, draw: bool) -
     """(output names, picture paths) of `files`.
 
     Raises:
-      app.UsageError: an output would replace an input (e.g. --out_dir is an input folder holding x.jpg.png).
+      Refused: an output would replace an input.
     """
     names = output_names(files)
     pictures = [out_dir / f"{name}{PICTURE_SUFFIX}" for name in names]
@@ -101,7 +117,7 @@ def plan_outputs(files: Sequence[epath.Path], out_dir: epath.Path, draw: bool) -
     outputs = [out_dir / name for name in RESULT_FILES] + (pictures if draw else [])
     clashes = sorted(str(o) for o in outputs if str(_absolute(o)) in inputs)
     if clashes:
-        raise app.UsageError(f"Refusing to write over input file(s): {', '.join(clashes)}. Choose another --out_dir.")
+        raise Refused(f"Refusing to write over input file(s): {', '.join(clashes)}. Choose another --out_dir.")
     return names, pictures
 
 
@@ -156,11 +172,16 @@ def predict(detector: Detector, files: Sequence[epath.Path], out_dir: epath.Path
 
 
 def main(argv):
-    if len(argv) < 2:
-        raise app.UsageError("Give at least one image file, folder or glob.")
-    files = expand_inputs(argv[1:])
-    out_dir = _absolute(epath.Path(_OUT_DIR.value))
-    plan_outputs(files, out_dir, _DRAW.value)  # refuse before loading the model
+    try:
+        if len(argv) < 2:
+            raise Refused("Give at least one image file, folder or glob.")
+        out_dir = _absolute(epath.Path(_OUT_DIR.value))
+        files = [f for f in expand_inputs(argv[1:]) if not is_earlier_output(f, out_dir)]
+        if not files:
+            raise Refused(f"Every input is a file an earlier run wrote into --out_dir={_OUT_DIR.value}.")
+        plan_outputs(files, out_dir, _DRAW.value)  # refuse before loading the model
+    except Refused as refusal:
+        raise SystemExit(f"predict: {refusal}") from None
     detector = Detector(_EXPORT_DIR.value, batch_size=_BATCH.value * jax.local_device_count(), use_tta=_TTA.value)
     failures = predict(detector, files, out_dir, _SCORE.value, _DRAW.value)
     print(f"Wrote detections of {len(files) - len(failures)} of {len(files)} images to {_OUT_DIR.value}")

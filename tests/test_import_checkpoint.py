@@ -14,7 +14,6 @@ pytest.importorskip("mmengine")  # the test requirements (mmdetection itself onl
 
 from atss_jax import checkpoint, workdirs  # noqa: E402
 from atss_jax.models import mmdet_import  # noqa: E402
-from configs import demo  # noqa: E402
 from scripts import import_checkpoint, mmdet_peer  # noqa: E402
 from tests.support import hangs  # noqa: E402
 
@@ -81,6 +80,7 @@ def test_import_then_evaluate(synthetic_data_config, tmp_path):
     assert (checkpoint.checkpoint_dir(workdir) / "0").exists()
 
 
+@pytest.mark.e2e
 def test_refuses_a_checkpoint_that_would_run_code(tmp_path):
     marker = tmp_path / "ran"
 
@@ -90,10 +90,15 @@ def test_refuses_a_checkpoint_that_would_run_code(tmp_path):
 
     source = tmp_path / "evil.pth"
     torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(1)}, "meta": Payload()}, source)
-    config = mmdet_import.config_for_mmdet(demo.get_config("tiny"))
-    with pytest.raises(ValueError, match="weights_only"):
-        import_checkpoint.import_checkpoint(str(source), str(tmp_path / "workdir"), "mmdet", config)
-    assert not marker.exists()
+    # Through the command line, as a user meets it: one line, no traceback, no advice to load it unsafely.
+    result = subprocess.run([sys.executable, "-m", "scripts.import_checkpoint", str(source),
+                             str(tmp_path / "workdir"), "--format=mmdet", "--config=configs/demo.py:tiny"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=hangs.SUBPROCESS_S)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("import_checkpoint: ") and "evil.pth' was refused and nothing from it was run" in last
+    assert "Traceback" not in result.stderr and "weights_only" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "workdir").exists()
 
 
 def _leaves(tree, prefix=()):

@@ -72,3 +72,21 @@ def test_a_new_run_without_config_names_what_is_missing(tmp_path):
     result = _python(["-m", "atss_jax.main", f"--workdir={tmp_path}"])
     assert result.returncode != 0
     assert "config.json is missing" in result.stderr and "--config=" in result.stderr
+
+
+@pytest.mark.parametrize("argv, added", [
+    (["main", "--workdir=gs://b/run", "--mode=eval", "--config.data.data_dir=/x"], True),
+    (["main", "--workdir", "/w", "--config.eval.score_threshold=0.5"], True),
+    (["main", "--workdir=/w", "--config=configs/demo.py", "--config.train.num_steps=2"], False),
+    (["main", "--workdir=/w", "--mode=eval"], False),
+])
+def test_overrides_on_a_workdir_read_its_config(argv, added):
+    from atss_jax import workdir_config
+
+    rewritten = workdir_config.with_workdir_config(argv)
+    if not added:
+        assert rewritten == argv
+        return
+    workdir = "gs://b/run" if "--workdir=gs://b/run" in argv else "/w"
+    assert rewritten[1].startswith("--config=") and rewritten[1].endswith(f"workdir_config.py:{workdir}")
+    assert rewritten[:1] + rewritten[2:] == argv

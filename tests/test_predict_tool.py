@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import app
 from etils import epath
 from pycocotools.coco import COCO
 
@@ -46,15 +45,47 @@ def test_inputs_names_and_refusals(image_tree):
     want = [files[0], files[1], tmp_path / "in" / "b" / "bad.jpg", files[2]]
     assert [str(p) for p in found] == [str(p.resolve()) for p in want]  # folders recursive, sorted; no repeats
     assert predict.output_names(found) == ["a/x.jpg", "a/x.png", "b/bad.jpg", "b/x.jpg"]
-    with pytest.raises(app.UsageError, match=r"nothing\*\.png: no file matches.*missing\.jpg: no such file"):
+    with pytest.raises(predict.Refused, match=r"nothing\*\.png: no file matches.*missing\.jpg: no such file"):
         predict.expand_inputs([str(tmp_path / "nothing*.png"), str(tmp_path / "missing.jpg")])
     # Writing next to the inputs is fine until an output would replace one of them.
     predict.plan_outputs(found, epath.Path(tmp_path / "in"), draw=True)
     _write_png(tmp_path / "in" / "a" / "x.jpg.png", np.zeros((4, 4, 3), np.uint8))
     clash = predict.expand_inputs([str(tmp_path / "in")])
-    with pytest.raises(app.UsageError, match=r"Refusing to write over input file\(s\): .*a/x\.jpg\.png"):
+    with pytest.raises(predict.Refused, match=r"Refusing to write over input file\(s\): .*a/x\.jpg\.png"):
         predict.plan_outputs(clash, epath.Path(tmp_path / "in"), draw=True)
     predict.plan_outputs(clash, epath.Path(tmp_path / "in"), draw=False)
+
+
+def test_what_an_earlier_run_wrote_into_the_out_dir_is_never_an_input(image_tree):
+    tmp_path, files, _ = image_tree
+    inputs = tmp_path / "in"
+    out_dir = (inputs / "predictions").resolve()  # inside the input folder
+    for name in ("a/x.jpg.png", "b/x.jpg.png", "detections.json"):  # an earlier run's outputs
+        _write_png(out_dir / name, np.zeros((4, 4, 3), np.uint8))
+    _write_png(out_dir / "extra.png", np.zeros((4, 4, 3), np.uint8))  # not named like an output: an input
+    found = predict.expand_inputs([str(inputs)])
+    kept = [str(f) for f in found if not predict.is_earlier_output(f, epath.Path(out_dir))]
+    assert kept == sorted([str(f.resolve()) for f in files] + [str(inputs.resolve() / "b" / "bad.jpg"),
+                                                               str(out_dir / "extra.png")])
+    assert not predict.is_earlier_output(epath.Path(files[0].resolve()), epath.Path(out_dir))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("arguments, message", [
+    (["in/a/x.jpg.png"], "Every input is a file an earlier run wrote into --out_dir"),
+    (["nothing*.png"], "nothing*.png: no file matches"),
+])
+def test_a_refusal_is_one_line_without_the_flag_usage(image_tree, arguments, message):
+    tmp_path, _, _ = image_tree
+    _write_png(tmp_path / "in" / "a" / "x.jpg.png", np.zeros((4, 4, 3), np.uint8))  # an earlier run's picture
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.predict", "--export_dir=unused", f"--out_dir={tmp_path / 'in'}",
+         *[str(tmp_path / a) for a in arguments]],
+        cwd=ROOT, capture_output=True, text=True, timeout=hangs.SUBPROCESS_S)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("predict: ") and message in last, result.stderr[-2000:]
+    assert "--export_dir" not in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.e2e

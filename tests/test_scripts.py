@@ -71,10 +71,16 @@ def test_profile_trace_is_written_for_tensorboard(demo_run):
     assert len(traces) == 1 and (workdir / "plugins" / "profile" / run / traces[0]).stat().st_size > 1000
 
 
-def test_eval_needs_only_the_workdir(demo_run):
+def test_eval_needs_only_the_workdir_and_takes_overrides_on_its_config(demo_run):
     workdir, _, _ = demo_run
-    stdout = _run(["-m", "atss_jax.main", f"--workdir={workdir}", "--mode=eval"]).stdout
-    assert "COCO box metrics at step 2" in stdout
+    step_dir = workdir / "eval" / "step_2"
+    # The workdir's config draws a few detections pictures; the override, applied on top of it, none.
+    for overrides, drawn in (([], True), (["--config.eval.num_images_to_draw=0"], False)):
+        for picture in step_dir.glob("detections_*.png"):
+            picture.unlink()
+        stdout = _run(["-m", "atss_jax.main", f"--workdir={workdir}", "--mode=eval", *overrides]).stdout
+        assert "COCO box metrics at step 2" in stdout
+        assert bool(list(step_dir.glob("detections_*.png"))) == drawn
 
 
 def test_export_and_predict_command_lines(demo_run, tmp_path):

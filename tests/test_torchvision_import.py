@@ -213,8 +213,10 @@ def test_files_that_would_run_code_are_refused(tmp_path):
 
     pth = tmp_path / "evil.pth"
     torch.save({"conv1.weight": torch.zeros(1), "payload": RunsCode()}, pth)
-    with pytest.raises(ValueError, match=rf"(?s)evil\.pth.*weights_only=True.*{os.mkdir.__module__}\.mkdir"):
+    with pytest.raises(ValueError, match=rf"evil\.pth' was refused and nothing from it was run: .*"
+                                         rf"{os.mkdir.__module__}\.mkdir") as error:
         load_state_dict(str(pth))
+    assert "weights_only" not in str(error.value) and error.value.__cause__ is None  # no advice, no torch chain
     npz = tmp_path / "evil.npz"
     np.savez(npz, conv1=np.array([RunsCode()], dtype=object))
     with pytest.raises(ValueError, match=r"evil\.npz.*allow_pickle=False"):

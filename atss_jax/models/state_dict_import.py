@@ -90,11 +90,7 @@ def load_checkpoint(path: str | epath.PathLike) -> dict[str, np.ndarray]:
         return torchvision_import.load_state_dict(path)
     import torch
 
-    try:
-        state = torch.load(io.BytesIO(file.read_bytes()), map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for foreign, truncated or code-carrying files
-        raise ValueError(f"{str(path)!r} is not a checkpoint readable with weights_only=True (tensors and plain "
-                         f"containers only; nothing from the file is run): {error}") from error
+    state = torchvision_import.torch_load_weights(io.BytesIO(file.read_bytes()), str(path))
     if isinstance(state, Mapping):
         state = state.get("state_dict", state.get("model", state))
     arrays = {str(k): v.detach().cpu().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)} \

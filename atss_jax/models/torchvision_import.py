@@ -15,6 +15,7 @@ containers only), ``.npz`` files without pickled objects, Detectron's ``.pkl`` t
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import re
 import zipfile
@@ -48,19 +49,34 @@ def load_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
                 return {key: archive[key] for key in archive.files}
         except (OSError, ValueError, zipfile.BadZipFile) as error:
             raise ValueError(f"{path!r} is not a readable .npz state_dict: {error}") from error
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError(
-            f"reading {path!r} needs torch; convert it once with scripts/convert_torchvision.py to .npz"
-        ) from error
-    try:
-        state = torch.load(data, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a truncated or foreign file
-        raise ValueError(f"{path!r} is not a readable torch state_dict (read with weights_only=True: tensors and "
-                         f"plain containers only, no code from the file): {error}") from error
+    if importlib.util.find_spec("torch") is None:
+        raise ImportError(f"reading {path!r} needs torch; convert it once with scripts/convert_torchvision.py to .npz")
+    state = torch_load_weights(data, path)
     state = state.get("state_dict", state)
     return {key: value.detach().cpu().numpy() for key, value in state.items() if hasattr(value, "numpy")}
+
+
+# Paragraphs of torch's refusal that give advice rather than the reason (among them: retry with
+# weights_only=False, the one thing not to do with an untrusted file).
+_TORCH_ADVICE = ("weights_only", "torch.load", "safe_globals")
+
+
+def torch_load_weights(data: Any, path: str) -> Any:
+    """``torch.load(data, weights_only=True)``: tensors and plain containers only, nothing from the file runs.
+
+    Raises:
+      ValueError: one line naming ``path`` and torch's reason (e.g. the global the file asks to run), without
+        torch's advice or its traceback.
+    """
+    import torch
+
+    try:
+        return torch.load(data, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a truncated, foreign or code-carrying file
+        paragraphs = [p.strip() for p in str(error).split("\n\n") if p.strip()]
+        reason = " ".join(p for p in paragraphs if not any(word in p for word in _TORCH_ADVICE))
+        raise ValueError(f"{path!r} was refused and nothing from it was run: {reason or type(error).__name__} "
+                         "(a weights file holds tensors and plain containers only).") from None
 
 
 def _module_path(torch_module: str) -> tuple[str, ...]:
