@@ -6,18 +6,13 @@ import sys
 
 import pytest
 
-from tests.support import hangs
+from tests.support import hangs, launch
 
 pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# What makes JAX's cluster detection find a job on this machine; removed so that it finds none.
-CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "PMIX_SERVER_URI2",
-                     "TPU_WORKER_HOSTNAMES", "KUBERNETES_SERVICE_HOST")
-
-
 def _python(args, **env):
-    clean = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARIABLES}
+    clean = {k: v for k, v in os.environ.items() if k not in launch.JOB_VARIABLES}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=hangs.SUBPROCESS_S, env={**clean, **env})
 

@@ -19,6 +19,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from atss_jax.data import coco
+
 # Bytes read per request chunk, and how often a failed request is retried before giving up.
 CHUNK_BYTES = 8 << 20
 RETRIES = 20
@@ -85,7 +87,7 @@ def fetch(url: str, folder: epath.PathLike, size: int, opener: Opener | None = N
 
 def fetch_all(archives: Mapping[str, int], folder: epath.PathLike, opener: Opener | None = None) -> None:
     """``fetch`` for each url -> size of ``archives``, smallest first (the annotations are ready early)."""
-    if "://" in str(folder):
+    if not coco.is_local(folder):
         raise ValueError(f"download dir {folder}: must be a local folder (a partial file is appended to).")
     for url, size in sorted(archives.items(), key=lambda item: item[1]):
         fetch(url, folder, size, opener)
