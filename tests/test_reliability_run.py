@@ -15,21 +15,16 @@ import numpy as np
 import pytest
 
 from atss_jax import checkpoint, evaluator, preemption, train
-from tests.support import hangs
+from tests.support import hangs, launch
 from tests.test_train import ROOT, _config, _final_state
 
 pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 
-CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "PMIX_SERVER_URI2",
-                     "TPU_WORKER_HOSTNAMES", "KUBERNETES_SERVICE_HOST")
-
 
 def _start(args, stderr_path):
     """A one-device `python <args>` whose stdout is read line by line and whose (long) log goes to a file."""
-    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARIABLES}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=open(stderr_path, "w"), text=True)
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=launch.clean_environment(1),
+                            stdout=subprocess.PIPE, stderr=open(stderr_path, "w"), text=True)
 
 
 def _sigterm_after(process, line_start):
