@@ -14,13 +14,13 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from atss_jax import preemption
+from atss_jax import errors, preemption
 
 # Where a workdir keeps its train-state checkpoints (atss_jax.workdir: the other files it holds).
 CHECKPOINT_DIR = "checkpoints"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.Refusal, RuntimeError):
     """A checkpoint or export is missing, corrupt, or does not fit the model."""
 
 

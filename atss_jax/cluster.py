@@ -32,8 +32,10 @@ from collections.abc import Mapping, Sequence
 import jax
 from absl import logging
 
+from atss_jax import errors
 
-class ClusterError(ValueError):
+
+class ClusterError(errors.Refusal, ValueError):
     """A launch that cannot work as started; the message says what to change (printed alone, one line)."""
 
 

@@ -21,6 +21,7 @@ from etils import epath
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from atss_jax import errors
 from atss_jax.data import pipeline
 
 # COCOeval.stats, in order.
@@ -46,7 +47,7 @@ def ground_truth(split: pipeline.Split, annotations_file: str = "") -> dict:
         recorded = load_ground_truth(str(path))
         category_ids = sorted(c["id"] for c in recorded["categories"])
         if len(recorded["images"]) != split.num_examples or category_ids != sorted(split.category_ids):
-            raise ValueError(
+            raise errors.ConfigError(
                 f"The annotations {path} recorded for split {split.name!r} of {split.builder.info.full_name!r} "
                 f"do not describe it: {len(recorded['images'])} images and category ids {category_ids}, but the "
                 f"split has {split.num_examples} images and category ids {sorted(split.category_ids)}. Delete the "
@@ -144,7 +145,7 @@ def coco_metrics(ground_truth: dict, detections: list[dict],
       (the 12 COCO numbers by name, AP per category id). With no detections at all every number is 0.
     """
     if evaluator not in EVALUATORS:
-        raise ValueError(f"evaluator={evaluator!r} is not one of {EVALUATORS}")
+        raise errors.ConfigError(f"evaluator={evaluator!r} is not one of {EVALUATORS}")
     if not detections:
         return dict.fromkeys(METRIC_NAMES, 0.0), {c["id"]: 0.0 for c in ground_truth["categories"]}
     with contextlib.redirect_stdout(io.StringIO()):

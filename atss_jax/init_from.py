@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from atss_jax import checkpoint, workdirs
+from atss_jax import checkpoint, errors, workdirs
 from atss_jax.anchors import anchors_per_location
 from atss_jax.models.detector import abstract_variables, build_detector
 
@@ -53,8 +53,8 @@ def map_class_rows(fresh: np.ndarray, trained: np.ndarray, target_names: Sequenc
     num_target, num_source = len(target_names), len(source_names)
     anchors = fresh.shape[-1] // num_target
     if fresh.shape[-1] != anchors * num_target or trained.shape[-1] != anchors * num_source:
-        raise ValueError(f"class layer of {fresh.shape[-1]} and {trained.shape[-1]} channels does not fit "
-                         f"{num_target} and {num_source} categories with the same anchors per location")
+        raise errors.ConfigError(f"class layer of {fresh.shape[-1]} and {trained.shape[-1]} channels does not fit "
+                                 f"{num_target} and {num_source} categories with the same anchors per location")
     source_index = {name: i for i, name in enumerate(source_names)}
     mapped = np.array(fresh, copy=True)
     for j, name in enumerate(target_names):

@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from atss_jax import boxes as box_lib
+from atss_jax import errors
 from atss_jax.assigners.result import IGNORED
 
 BOX_LOSSES = ("giou", "smooth_l1")
@@ -123,13 +124,14 @@ def detection_losses(
       ``LossTerms``. A batch with no positives gives finite losses and gradients.
     """
     if regression not in box_lib.REGRESSIONS:
-        raise ValueError(f"regression={regression!r} is not one of {box_lib.REGRESSIONS}")
+        raise errors.ConfigError(f"regression={regression!r} is not one of {box_lib.REGRESSIONS}")
     if config.box_loss not in BOX_LOSSES:
-        raise ValueError(f"config.loss.box_loss={config.box_loss!r} is not one of {BOX_LOSSES}")
+        raise errors.ConfigError(f"config.loss.box_loss={config.box_loss!r} is not one of {BOX_LOSSES}")
     if config.box_loss == "smooth_l1" and regression != "box":
-        raise ValueError("config.loss.box_loss='smooth_l1' regresses deltas: it needs regression='box'")
+        raise errors.ConfigError("config.loss.box_loss='smooth_l1' regresses deltas: it needs regression='box'")
     if config.classification not in CLASSIFICATION_LOSSES:
-        raise ValueError(f"config.loss.classification={config.classification!r} is not one of {CLASSIFICATION_LOSSES}")
+        raise errors.ConfigError(
+            f"config.loss.classification={config.classification!r} is not one of {CLASSIFICATION_LOSSES}")
     num_classes = class_logits.shape[-1]
     positive = (gt_index >= 0) & anchor_valid
     counted = (gt_index != IGNORED) & anchor_valid  # positives and negatives: the focal loss's anchors

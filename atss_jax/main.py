@@ -8,7 +8,8 @@ r"""Entry point: train (with periodic evaluation) or evaluate a checkpoint.
 
 A `--config.*` override without `--config` applies on top of the workdir's config.json (workdir_config.py).
 
-Exit codes: 0 done; 1 an error (its cause is the first line printed after the log); 143
+Exit codes: 0 done; 1 an error (a refusal of bad input is one line, ``atss_jax.main: ...``; a bug's cause is
+printed before its traceback); 2 a command line that does not parse (one line, atss_jax/cli.py); 143
 (`preemption.PREEMPTED_EXIT_CODE`, 128 + SIGTERM) stopped by SIGTERM after saving: run the same command to resume.
 
 Every process of a multi-process job runs the same command; `atss_jax.cluster` joins the job the launcher
@@ -19,10 +20,11 @@ the GPUs each process drives (one process per GPU or one per node).
 from __future__ import annotations
 
 import sys
-import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from atss_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py). Default: the workdir's config.json, i.e. resume or "
@@ -50,7 +52,7 @@ def check_backend(config, allow_cpu: bool) -> None:
     import jax
 
     if jax.default_backend() == "cpu" and config.get("requires_accelerator", False) and not allow_cpu:
-        raise SystemExit(
+        raise errors.Refusal(
             "This config needs an accelerator (config.requires_accelerator=True) but JAX sees only the CPU. "
             "Install the accelerator's JAX (bash scripts/setup.sh cuda12 or tpu, see README \"Install\"), or "
             "pass --allow_cpu to run on the CPU anyway.")
@@ -64,22 +66,20 @@ def main(argv):
     # Before anything touches a JAX backend. Evaluation joins a TPU slice only when asked (--distributed=on):
     # run alone on one worker, or on a VM beside the training job, it must not wait for the slice.
     mode = "launcher" if _MODE.value == "eval" and _DISTRIBUTED.value == "auto" else _DISTRIBUTED.value
-    try:
-        cluster.join(mode, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    except cluster.ClusterError as error:
-        raise SystemExit(f"ClusterError: {error}") from None
+    cluster.join(mode, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import tensorflow as tf
 
     # TF only feeds data: keep it off the accelerators.
     tf.config.set_visible_devices([], "GPU")
     tf.config.set_visible_devices([], "TPU")
-    from atss_jax import checkpoint, evaluator, preemption, train, workdirs
+    from atss_jax import evaluator, preemption, train, workdirs
 
     logging.info(parallel.describe_devices())
     try:
         config = _CONFIG.value if _CONFIG.value is not None else workdirs.read_config(_WORKDIR.value)
     except workdirs.WorkdirError as error:
-        raise SystemExit(f"{error} Start a run with --config=configs/....py.") from None
+        error.add_note("Start a run with --config=configs/....py.")
+        raise
     check_backend(config, _ALLOW_CPU.value)
     try:
         if _MODE.value == "train":
@@ -89,18 +89,9 @@ def main(argv):
     except preemption.Preempted as stop:
         print(stop, file=sys.stderr, flush=True)
         sys.exit(preemption.PREEMPTED_EXIT_CODE)
-    except (checkpoint.CheckpointError, workdirs.WorkdirError, FloatingPointError) as error:
-        # Errors whose message says what to do: the message alone.
-        raise SystemExit(f"{type(error).__name__}: {error}") from None
-    except Exception as error:
-        # The cause first, on its own, then the traceback for a bug report.
-        cause = "\n".join([f"{type(error).__name__}: {error}", *getattr(error, "__notes__", ())])
-        print(f"{cause}\n\nTraceback (for a bug report):", file=sys.stderr, flush=True)
-        traceback.print_exception(error, file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
-    from atss_jax import workdir_config
+    from atss_jax import cli, workdir_config
 
-    app.run(main, argv=workdir_config.with_workdir_config(sys.argv))
+    cli.run(main, "atss_jax.main", argv=workdir_config.with_workdir_config(sys.argv))

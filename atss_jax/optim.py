@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from atss_jax import errors
+
 WARMUP_METHODS = ("linear", "constant")
 
 
@@ -30,7 +32,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, *, global_batch: i
       step [] int -> learning rate [] float32.
     """
     if config.warmup_method not in WARMUP_METHODS:
-        raise ValueError(f"config.optimizer.warmup_method={config.warmup_method!r}: use one of {WARMUP_METHODS}")
+        raise errors.ConfigError(
+            f"config.optimizer.warmup_method={config.warmup_method!r}: use one of {WARMUP_METHODS}")
     peak = config.base_lr * global_batch / config.base_batch
     boundaries = {round(m * num_steps): config.lr_decay for m in config.lr_milestones}
     decay = optax.piecewise_constant_schedule(peak, boundaries)

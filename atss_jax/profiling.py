@@ -10,6 +10,8 @@ import jax
 from absl import logging
 from etils import epath
 
+from atss_jax import errors
+
 
 class StepTrace:
     """Traces steps ``first_step .. first_step + num_steps - 1`` (every host its own trace).
@@ -20,8 +22,8 @@ class StepTrace:
 
     def __init__(self, workdir: str | epath.Path, first_step: int, num_steps: int):
         if num_steps < 0 or (num_steps and first_step < 1):
-            raise ValueError(f"config.train.profile_steps={num_steps} and profile_first_step={first_step}: "
-                             "need profile_steps >= 0 and profile_first_step >= 1.")
+            raise errors.ConfigError(f"config.train.profile_steps={num_steps} and profile_first_step={first_step}: "
+                                     "need profile_steps >= 0 and profile_first_step >= 1.")
         self.workdir = epath.Path(workdir)
         self.first_step, self.num_steps = first_step, num_steps
         self._local: tempfile.TemporaryDirectory | None = None

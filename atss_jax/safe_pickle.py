@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from atss_jax import errors
 
-class UnsafePickleError(pickle.UnpicklingError):
+
+class UnsafePickleError(errors.Refusal, pickle.UnpicklingError):
     """The pickle names a global outside the admitted ones (it would call it while loading)."""
 
 

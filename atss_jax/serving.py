@@ -25,7 +25,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding
 
-from atss_jax import checkpoint, inference, parallel, tta
+from atss_jax import checkpoint, errors, inference, parallel, tta
 from atss_jax.anchors import anchors_per_location
 from atss_jax.data.canvas import canvases
 from atss_jax.models.detector import abstract_variables, build_detector
@@ -123,7 +123,8 @@ class Detector:
             tta_config.eval.tta.enabled = True
             self.views = tta.views(tta_config)
             if len(self.views) == 1:
-                raise ValueError(f"{export_dir}: its config.eval.tta has no flip and no min_sizes: nothing to augment")
+                raise errors.ConfigError(
+                    f"{export_dir}: its config.eval.tta has no flip and no min_sizes: nothing to augment")
         else:
             self.views = tta.views(self.config)[:1]
         self._detect = {}

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from atss_jax import checkpoint, serving, workdirs
+from atss_jax import checkpoint, errors, serving, workdirs
 from atss_jax.anchors import anchors_per_location
 from atss_jax.data.canvas import canvases
 from atss_jax.models.detector import abstract_variables, build_detector
@@ -47,7 +47,7 @@ def export_serving(export_dir: str, batch_sizes: Sequence[int] = (),
       platforms: the `jax.export` lowering platforms ("cpu", "cuda", "rocm", "tpu").
     """
     if any(b <= 0 for b in batch_sizes):
-        raise ValueError(f"serving batch sizes must be positive, got {list(batch_sizes)}")
+        raise errors.ConfigError(f"serving batch sizes must be positive, got {list(batch_sizes)}")
     metadata, config, model, variables = serving.load_export(export_dir)
     fn = jax.jit(functools.partial(serving.detect, variables, config=config, model=model, data_config=config.data))
     directory = epath.Path(export_dir) / ARTIFACT_DIR

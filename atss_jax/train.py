@@ -18,12 +18,12 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from atss_jax import checkpoint, evaluator, parallel, preemption, profiling, workdirs
+from atss_jax import checkpoint, errors, evaluator, parallel, preemption, profiling, workdirs
 from atss_jax.data import pipeline
 from atss_jax.train_step import NonFiniteLossError, TrainState, check_config, compile_train_step, create_training
 
 
-class DivergedError(FloatingPointError):
+class DivergedError(errors.Refusal, FloatingPointError):
     """The loss exploded (finite, but far above its lowest); the diverged steps' checkpoints were removed."""
 
 

@@ -24,7 +24,7 @@ import optax
 from etils import epath
 
 from atss_jax import boxes as box_lib
-from atss_jax import init_from, losses, optim, parallel
+from atss_jax import errors, init_from, losses, optim, parallel
 from atss_jax.anchors import AnchorGrid, anchor_valid_mask, anchors_per_location, build_anchor_grid
 from atss_jax.assigners import AssignResult, Predictions, SoftAssignment, build_assigner, is_prediction_aware
 from atss_jax.data.canvas import canvases
@@ -37,7 +37,7 @@ from atss_jax.parallel import AXIS
 AssignBatch = Callable[..., AssignResult | SoftAssignment]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.Refusal, FloatingPointError):
     """Training produced a non-finite loss or gradient; parameters were not updated with it."""
 
 
@@ -54,27 +54,29 @@ class TrainState:
 def check_config(config: ml_collections.ConfigDict, num_categories: int) -> None:
     """Errors for settings that would train silently wrong, explained, before anything is built."""
     if num_categories != config.model.num_classes:
-        raise ValueError(f"The dataset has {num_categories} categories but config.model.num_classes="
-                         f"{config.model.num_classes}.")
+        raise errors.ConfigError(f"The dataset has {num_categories} categories but config.model.num_classes="
+                                 f"{config.model.num_classes}.")
     backbone = config.model.backbone
     if backbone.pretrained and not epath.Path(backbone.pretrained).exists():
         # Checked here, not when the weights load after a minute of building the model.
-        raise FileNotFoundError(f"config.model.backbone.pretrained={backbone.pretrained!r} does not exist: give the "
-                                "path of the converted weights (scripts/convert_torchvision.py, or a Detectron .pkl).")
+        raise errors.MissingFileError(
+            f"config.model.backbone.pretrained={backbone.pretrained!r} does not exist: give the path of the "
+            "converted weights (scripts/convert_torchvision.py, or a Detectron .pkl).")
     if backbone.norm == "frozen_bn" and not backbone.pretrained and not config.init_from:
-        raise ValueError("config.model.backbone.norm='frozen_bn' freezes BatchNorm at ImageNet statistics: it needs "
-                         "config.model.backbone.pretrained (convert torchvision weights with "
-                         "scripts/convert_torchvision.py, or give a Detectron .pkl as it is), or use norm='gn' or "
-                         "'bn' to train from scratch.")
+        raise errors.ConfigError(
+            "config.model.backbone.norm='frozen_bn' freezes BatchNorm at ImageNet statistics: it needs "
+            "config.model.backbone.pretrained (convert torchvision weights with scripts/convert_torchvision.py, "
+            "or give a Detectron .pkl as it is), or use norm='gn' or 'bn' to train from scratch.")
     if caffe2_import.is_caffe2_file(backbone.pretrained) and config.model.input_channels != "bgr":
         # The file cannot say so itself: Caffe2 blobs have the same shapes whatever input they were trained on.
-        raise ValueError(f"config.model.backbone.pretrained={backbone.pretrained} is a Detectron Caffe2 pickle, "
-                         "trained on BGR images minus Detectron's means, but config.model.input_channels="
-                         f"{config.model.input_channels!r}: use an ':official' config (base.with_official_recipe) "
-                         "or set input_channels='bgr', pixel_mean and pixel_std as it does.")
+        raise errors.ConfigError(
+            f"config.model.backbone.pretrained={backbone.pretrained} is a Detectron Caffe2 pickle, trained on BGR "
+            f"images minus Detectron's means, but config.model.input_channels={config.model.input_channels!r}: use "
+            "an ':official' config (base.with_official_recipe) or set input_channels='bgr', pixel_mean and "
+            "pixel_std as it does.")
     if config.train.global_batch % jax.device_count():
-        raise ValueError(f"config.train.global_batch={config.train.global_batch} is not a multiple of the "
-                         f"{jax.device_count()} devices.")
+        raise errors.ConfigError(f"config.train.global_batch={config.train.global_batch} is not a multiple of the "
+                                 f"{jax.device_count()} devices.")
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:

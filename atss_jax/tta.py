@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from atss_jax import postprocess
+from atss_jax import errors, postprocess
 
 MERGES = ("nms", "vote", "soft-vote")
 
@@ -72,29 +72,29 @@ def views(config: ml_collections.ConfigDict) -> list[View]:
     if not tta.enabled:
         return [plain]
     if tta.merge not in MERGES:
-        raise ValueError(f"config.eval.tta.merge={tta.merge!r} is not one of {MERGES}")
+        raise errors.ConfigError(f"config.eval.tta.merge={tta.merge!r} is not one of {MERGES}")
     if tta.size_ranges and len(tta.size_ranges) != len(tta.min_sizes):
-        raise ValueError(f"config.eval.tta.size_ranges has {len(tta.size_ranges)} entries for "
-                         f"{len(tta.min_sizes)} min_sizes: give one (low, high) per short side, or none")
+        raise errors.ConfigError(f"config.eval.tta.size_ranges has {len(tta.size_ranges)} entries for "
+                                 f"{len(tta.min_sizes)} min_sizes: give one (low, high) per short side, or none")
     if tta.max_size <= 0 or tta.max_detections <= 0:
-        raise ValueError(f"config.eval.tta.max_size={tta.max_size} and max_detections={tta.max_detections} "
-                         "must be positive")
+        raise errors.ConfigError(f"config.eval.tta.max_size={tta.max_size} and max_detections={tta.max_detections} "
+                                 "must be positive")
     result = [plain] + ([View(plain.short_side, plain.max_size, True, None, data)] if tta.flip else [])
     for index, short_side in enumerate(tta.min_sizes):
         if short_side <= 0:
-            raise ValueError(f"config.eval.tta.min_sizes has {short_side}: short sides must be positive")
+            raise errors.ConfigError(f"config.eval.tta.min_sizes has {short_side}: short sides must be positive")
         size_range = None
         if tta.size_ranges:
             low, high = (float(bound) for bound in tta.size_ranges[index])
             if not 0 <= low < high:
-                raise ValueError(f"config.eval.tta.size_ranges[{index}]={tuple(tta.size_ranges[index])} needs "
-                                 "0 <= low < high")
+                raise errors.ConfigError(f"config.eval.tta.size_ranges[{index}]={tuple(tta.size_ranges[index])} needs "
+                                         "0 <= low < high")
             size_range = (low, high)
         max_size = int(data.max_size if short_side < data.eval_min_size else tta.max_size)
         canvas = (_round_up_32(min(short_side, max_size)), _round_up_32(max_size))
         if data.aspect_ratio_buckets and canvas[0] == canvas[1]:
-            raise ValueError(f"the test-time augmentation view at short side {short_side} (long side at most "
-                             f"{max_size}) has a square canvas {canvas}, which aspect-ratio buckets cannot use")
+            raise errors.ConfigError(f"the test-time augmentation view at short side {short_side} (long side at most "
+                                     f"{max_size}) has a square canvas {canvas}, which aspect-ratio buckets cannot use")
         data_config = ml_collections.ConfigDict(data.to_dict())
         data_config.eval_min_size = int(short_side)
         data_config.max_size = max_size

@@ -14,6 +14,8 @@ import ml_collections
 from absl import logging
 from etils import epath
 
+from atss_jax import errors
+
 CONFIG_FILE = "config.json"
 # The dataset's category ids and names in label order, so that export and prediction need no dataset.
 CATEGORIES_FILE = "categories.json"
@@ -21,7 +23,7 @@ CATEGORIES_FILE = "categories.json"
 FINISHED_FILE = "finished.json"
 
 
-class WorkdirError(FileNotFoundError):
+class WorkdirError(errors.Refusal, FileNotFoundError):
     """The workdir lacks a file it should hold, or the file is corrupt."""
 
 

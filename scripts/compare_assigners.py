@@ -19,12 +19,12 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
 from atss_jax import boxes as box_lib
-from atss_jax import checkpoint, workdirs
+from atss_jax import checkpoint, cli, workdirs
 from atss_jax.anchors import anchor_valid_mask, anchors_per_location, build_anchor_grid
 from atss_jax.assigners import PREDICTION_AWARE, Predictions, build_assigner, is_prediction_aware
 from atss_jax.data import pipeline
@@ -108,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "compare_assigners")

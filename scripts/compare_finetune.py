@@ -27,7 +27,7 @@ from etils import epath
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
-from atss_jax import train, workdirs
+from atss_jax import cli, train, workdirs
 from atss_jax.data import datasets, synthetic
 from configs import base
 
@@ -126,4 +126,4 @@ def _overridden(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "compare_finetune")

@@ -10,21 +10,19 @@ config.model.backbone.pretrained directly.
 """
 
 import io
-import sys
 
 import numpy as np
+from absl import app
 from etils import epath
 
+from atss_jax import cli
 from atss_jax.models.torchvision_import import load_state_dict
 
 
 def main(argv: list[str]) -> None:
     if len(argv) != 3:
-        raise SystemExit(__doc__)
-    try:
-        state = load_state_dict(argv[1])
-    except (ValueError, FileNotFoundError, ImportError) as error:  # a refused or unreadable file: one line
-        raise SystemExit(f"convert_torchvision: {error}") from None
+        raise app.UsageError("usage: python -m scripts.convert_torchvision SOURCE.pth OUT.npz (--help explains)")
+    state = load_state_dict(argv[1])
     out = epath.Path(argv[2] if argv[2].endswith(".npz") else argv[2] + ".npz")  # as np.savez names a path
     buffer = io.BytesIO()
     np.savez(buffer, **state)
@@ -34,4 +32,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    cli.run(main, "convert_torchvision")

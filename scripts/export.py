@@ -9,10 +9,10 @@ inference function serialised with jax.export, served with jax alone) and its co
 a symbolic batch unless --serving_batch_sizes=1,8; --serving_platforms= (empty) leaves it out.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from atss_jax import serving_export, workdirs
+from atss_jax import cli, serving_export, workdirs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Default: the workdir's config.json (the config the run "
                                           "was trained with).")
@@ -35,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "export")

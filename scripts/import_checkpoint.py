@@ -19,7 +19,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from atss_jax import checkpoint, workdirs
+from atss_jax import checkpoint, cli, errors, workdirs
 from atss_jax.models import mmdet_import, official_import, state_dict_import
 from configs import atss_r50_fpn_1x_coco, atss_r50_fpn_1x_coco_mmdet
 
@@ -54,18 +54,18 @@ def categories(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], tupl
 
     found = pipeline.categories(config.data)
     if len(found.ids) != config.model.num_classes:
-        raise ValueError(f"The config's dataset has {len(found.ids)} categories but config.model.num_classes="
-                         f"{config.model.num_classes}.")
+        raise errors.ConfigError(f"The config's dataset has {len(found.ids)} categories but config.model.num_classes="
+                                 f"{config.model.num_classes}.")
     return found.ids, found.names
 
 
 def import_checkpoint(source: str, workdir: str, checkpoint_format: str, config: ml_collections.ConfigDict) -> None:
     """Converts ``source`` (``checkpoint_format``: a key of ``FORMATS``) into ``workdir`` for ``config``."""
     if checkpoint_format not in FORMATS:
-        raise ValueError(f"--format={checkpoint_format!r} is not one of {sorted(FORMATS)}")
+        raise errors.ConfigError(f"--format={checkpoint_format!r} is not one of {sorted(FORMATS)}")
     directory = checkpoint.checkpoint_dir(workdir)
     if directory.exists() and any(directory.iterdir()):
-        raise ValueError(f"{directory} already holds checkpoints: import into a new workdir.")
+        raise errors.Refusal(f"{directory} already holds checkpoints: import into a new workdir.")
     state_dict = state_dict_import.load_checkpoint(source)
     category_ids, category_names = categories(config)
     variables = FORMATS[checkpoint_format][0].convert_state_dict(state_dict, config)
@@ -92,12 +92,9 @@ def main(argv):
     if "://" not in workdir:  # Orbax wants absolute local paths
         workdir = str(epath.Path(workdir).resolve())
     config = _CONFIG.value if _CONFIG.value is not None else FORMATS[_FORMAT.value][1]()
-    try:
-        import_checkpoint(source, workdir, _FORMAT.value, config)
-    except (ValueError, FileNotFoundError) as error:  # a refused or unfit file: the reason alone, in one line
-        raise SystemExit(f"import_checkpoint: {error}") from None
+    import_checkpoint(source, workdir, _FORMAT.value, config)
     print(f"Imported {source} into {workdir}: python -m atss_jax.main --mode=eval --workdir={workdir}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "import_checkpoint")

@@ -29,10 +29,10 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 from etils import epath
 
-from atss_jax import visualise
+from atss_jax import cli, errors, visualise
 from atss_jax.data import transforms
 from atss_jax.serving import Detector
 
@@ -49,7 +49,7 @@ RESULT_FILES = ("coco_results.json", "coco_images.json", "detections.json")
 PICTURE_SUFFIX = ".png"
 
 
-class Refused(ValueError):
+class Refused(errors.Refusal, ValueError):
     """A command line predict cannot carry out; the message names the arguments to change (printed alone)."""
 
 
@@ -172,16 +172,13 @@ def predict(detector: Detector, files: Sequence[epath.Path], out_dir: epath.Path
 
 
 def main(argv):
-    try:
-        if len(argv) < 2:
-            raise Refused("Give at least one image file, folder or glob.")
-        out_dir = _absolute(epath.Path(_OUT_DIR.value))
-        files = [f for f in expand_inputs(argv[1:]) if not is_earlier_output(f, out_dir)]
-        if not files:
-            raise Refused(f"Every input is a file an earlier run wrote into --out_dir={_OUT_DIR.value}.")
-        plan_outputs(files, out_dir, _DRAW.value)  # refuse before loading the model
-    except Refused as refusal:
-        raise SystemExit(f"predict: {refusal}") from None
+    if len(argv) < 2:
+        raise Refused("Give at least one image file, folder or glob.")
+    out_dir = _absolute(epath.Path(_OUT_DIR.value))
+    files = [f for f in expand_inputs(argv[1:]) if not is_earlier_output(f, out_dir)]
+    if not files:
+        raise Refused(f"Every input is a file an earlier run wrote into --out_dir={_OUT_DIR.value}.")
+    plan_outputs(files, out_dir, _DRAW.value)  # refuse before loading the model
     detector = Detector(_EXPORT_DIR.value, batch_size=_BATCH.value * jax.local_device_count(), use_tta=_TTA.value)
     failures = predict(detector, files, out_dir, _SCORE.value, _DRAW.value)
     print(f"Wrote detections of {len(files) - len(failures)} of {len(files)} images to {_OUT_DIR.value}")
@@ -193,4 +190,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "predict")

@@ -15,9 +15,10 @@ JSON entry, are an error naming each file (--skip_bad_images leaves the undecoda
 every image is recorded and compared with config.data.max_boxes.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from atss_jax import cli
 from atss_jax.data import coco, coco_format, datasets, splits
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose data section names the dataset.")
@@ -50,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "prepare_data")

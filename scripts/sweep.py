@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 import matplotlib
-from absl import app, flags
+from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
@@ -29,6 +29,8 @@ from atss_jax import workdirs
 
 matplotlib.use("Agg")
 from matplotlib import pyplot
+
+from atss_jax import cli, errors
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 VARIANT = "variant"  # the --field that sweeps the config file's variants
@@ -54,7 +56,7 @@ def sweep(config_file: str, root: str, field: str, values: Sequence[str], passth
     ``stem`` the result files (``sweep_<last name>``); scripts/sweep_k.py keeps its own through them.
     """
     if not values:
-        raise SystemExit("--values is empty: give the values to sweep, comma-separated.")
+        raise errors.Refusal("--values is empty: give the values to sweep, comma-separated.")
     short = field.split(".")[-1]
     label, stem = label or short, stem or f"sweep_{short}"
     root_path = epath.Path(root)
@@ -73,7 +75,7 @@ def sweep(config_file: str, root: str, field: str, values: Sequence[str], passth
     results = {value: done["metrics"] for value, workdir in run_dirs.items()
                if (done := workdirs.finished(workdir)) is not None}
     if not results:
-        raise SystemExit(f"No finished runs under {root}.")
+        raise errors.Refusal(f"No finished runs under {root}.")
     numeric = all(re.fullmatch(r"-?[0-9.]+(e-?[0-9]+)?", v) for v in results)
     ordered = sorted(results, key=float) if numeric else list(results)
     lines = [f"| {label} | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
@@ -117,4 +119,4 @@ if __name__ == "__main__":
         sweep(config_flags.get_config_filename(flags.FLAGS["config"]), _ROOT.value, _FIELD.value, _VALUES.value,
               passthrough_flags(_FIELD.value), print_commands=_PRINT.value, collect_only=_COLLECT.value)
 
-    app.run(main)
+    cli.run(main, "sweep")

@@ -8,9 +8,10 @@ a PNG plot of AP vs k (scripts/sweep.py over ``assigner.topk``; that script swee
 Other `--config.*` flags are passed on to every run.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from atss_jax import cli
 from scripts import sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -31,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "sweep_k")

@@ -8,7 +8,7 @@ anchor box of the first one dashed), with each box's IoU threshold and positive 
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
-from absl import app, flags
+from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
@@ -20,6 +20,8 @@ from atss_jax.data import pipeline
 
 matplotlib.use("Agg")
 from matplotlib import patches, pyplot
+
+from atss_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.")
 _SPLIT = flags.DEFINE_string("split", "validation", "Dataset split.")
@@ -71,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "visualise_assignment")

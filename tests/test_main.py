@@ -11,6 +11,8 @@ from tests.support import hangs, launch
 pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _python(args, **env):
     clean = {k: v for k, v in os.environ.items() if k not in launch.JOB_VARIABLES}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
@@ -50,8 +52,8 @@ print(parallel.describe_devices())
 
 
 @pytest.mark.parametrize("flags, environment, message", [
-    (["--distributed=on"], {}, "ClusterError: --distributed=on but no job was found"),
-    ([], {"JAX_COORDINATOR_ADDRESS": "localhost:1234"}, "ClusterError: JAX_COORDINATOR_ADDRESS is set but "
+    (["--distributed=on"], {}, "atss_jax.main: --distributed=on but no job was found"),
+    ([], {"JAX_COORDINATOR_ADDRESS": "localhost:1234"}, "atss_jax.main: JAX_COORDINATOR_ADDRESS is set but "
                                                           "JAX_NUM_PROCESSES is not"),
 ])
 def test_a_launch_that_cannot_work_is_one_line_without_traceback(tmp_path, flags, environment, message):

@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from atss_jax import errors
 from atss_jax.data import transforms
 
 # COCO's 80 detection categories are ids 1..90 with ten ids unused; TFDS numbers them 0..79 in id order.
@@ -43,7 +44,7 @@ CATEGORY_IDS_KEY = "category_ids"
 FILE_FORMAT = "array_record"
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(errors.Refusal, FileNotFoundError):
     """The configured dataset is not prepared in the data directory."""
 
 
@@ -180,7 +181,7 @@ def category_ids(builder: tfds.core.DatasetBuilder) -> tuple[int, ...]:
     num_classes = builder.info.features["objects"]["label"].num_classes
     if builder.info.name == "coco" and num_classes == len(COCO_CATEGORY_IDS):
         return COCO_CATEGORY_IDS
-    raise ValueError(
+    raise errors.ConfigError(
         f"Dataset {builder.info.full_name!r} has no category ids: it is neither COCO nor built by the "
         f"coco_format builder (metadata key {CATEGORY_IDS_KEY!r})."
     )

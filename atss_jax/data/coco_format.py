@@ -34,11 +34,12 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from atss_jax import errors
 from atss_jax.data import transforms
 from atss_jax.data.coco import ANNOTATIONS_FILE, CATEGORY_IDS_KEY, FILE_FORMAT, prepare_builder, write_whole
 
 
-class AnnotationError(ValueError):
+class AnnotationError(errors.Refusal, ValueError):
     """A COCO-format annotation file is malformed."""
 
 
@@ -46,7 +47,7 @@ class BadImagesError(AnnotationError):
     """Images of a COCO-format dataset cannot be decoded or disagree with the size their JSON gives."""
 
 
-class StaleDatasetError(ValueError):
+class StaleDatasetError(errors.Refusal, ValueError):
     """A prepared COCO-format dataset was built from other annotations or image files than configured now."""
 
 
@@ -62,12 +63,12 @@ class CocoFormatConfig(tfds.core.BuilderConfig):
     def __init__(self, *, name: str, annotations: Mapping[str, str], images: Mapping[str, str],
                  skip_bad_images: bool = False, **kwargs: Any):
         if not name:
-            raise ValueError("A coco_format dataset needs a name (config.data.coco_format.name).")
+            raise errors.ConfigError("A coco_format dataset needs a name (config.data.coco_format.name).")
         super().__init__(name=name, version=tfds.core.Version("1.0.0"), **kwargs)
         splits = {split for split, path in annotations.items() if path}
         missing_images = sorted(split for split in splits if not images.get(split))
         if missing_images:
-            raise ValueError(f"coco_format dataset {name!r}: no image folder for split(s) {missing_images}.")
+            raise errors.ConfigError(f"coco_format dataset {name!r}: no image folder for split(s) {missing_images}.")
         self.annotations = {split: annotations[split] for split in sorted(splits)}
         self.images = {split: images[split] for split in sorted(splits)}
         self.skip_bad_images = skip_bad_images

@@ -8,6 +8,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from etils import epath
 
+from atss_jax import errors
 from atss_jax.data import coco, coco_format, downloads, splits, synthetic
 
 COCO_FORMAT = "coco_format"
@@ -18,7 +19,7 @@ def builder_name(data_config: ml_collections.ConfigDict) -> str:
     """The TFDS name the configured dataset is prepared under."""
     if data_config.name == COCO_FORMAT:
         if not data_config.coco_format.name:
-            raise ValueError("config.data.name='coco_format' needs config.data.coco_format.name.")
+            raise errors.ConfigError("config.data.name='coco_format' needs config.data.coco_format.name.")
         return f"{COCO_FORMAT}/{data_config.coco_format.name}"
     if data_config.name == SYNTHETIC:
         return f"{COCO_FORMAT}/{synthetic.dataset_name(data_config.synthetic)}"
@@ -39,7 +40,7 @@ def prepare(data_config: ml_collections.ConfigDict, skip_bad_images: bool = Fals
     resume after an interruption (`downloads.fetch_all`), and TFDS reads them from there."""
     data_dir = data_config.data_dir or None
     if download_dir and data_config.name in (COCO_FORMAT, SYNTHETIC):
-        raise ValueError(f"A download dir is for TFDS's COCO; {data_config.name} downloads nothing.")
+        raise errors.ConfigError(f"A download dir is for TFDS's COCO; {data_config.name} downloads nothing.")
     if data_config.name == COCO_FORMAT:
         coco_format.prepare(data_config.coco_format.name, dict(data_config.coco_format.annotations),
                             dict(data_config.coco_format.images), data_dir, skip_bad_images)

@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from atss_jax import errors
 from atss_jax.data import coco
 
 # Bytes read per request chunk, and how often a failed request is retried before giving up.
@@ -30,7 +31,7 @@ RETRY_WAIT_S = 10.0
 Opener = Callable[[urllib.request.Request], IO[bytes]]
 
 
-class DownloadError(RuntimeError):
+class DownloadError(errors.Refusal, RuntimeError):
     """A download that cannot complete (the server refuses, or the size is wrong after every retry)."""
 
 
@@ -88,6 +89,6 @@ def fetch(url: str, folder: epath.PathLike, size: int, opener: Opener | None = N
 def fetch_all(archives: Mapping[str, int], folder: epath.PathLike, opener: Opener | None = None) -> None:
     """``fetch`` for each url -> size of ``archives``, smallest first (the annotations are ready early)."""
     if not coco.is_local(folder):
-        raise ValueError(f"download dir {folder}: must be a local folder (a partial file is appended to).")
+        raise errors.ConfigError(f"download dir {folder}: must be a local folder (a partial file is appended to).")
     for url, size in sorted(archives.items(), key=lambda item: item[1]):
         fetch(url, folder, size, opener)

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from atss_jax import errors
 from atss_jax.data import coco, datasets, transforms
 from atss_jax.data.splits import Split
 
@@ -43,8 +44,8 @@ def open_split(data_config: ml_collections.ConfigDict, split: str) -> Split:
     more boxes than config.data.max_boxes (`Split.check_max_boxes`: at start-up, not when the image is reached)."""
     builder = datasets.get_builder(data_config)
     if split not in builder.info.splits:
-        raise ValueError(f"Dataset {builder.info.full_name!r} has no split {split!r}; "
-                         f"it has {sorted(builder.info.splits)}.")
+        raise errors.ConfigError(f"Dataset {builder.info.full_name!r} has no split {split!r}; "
+                                 f"it has {sorted(builder.info.splits)}.")
     opened = Split(builder, split)
     opened.check_max_boxes(data_config.max_boxes)
     return opened
@@ -91,8 +92,8 @@ def train_plan(buckets: np.ndarray, global_batch: int, seed: int, epoch: int) ->
         batches.append(members[: steps * global_batch].reshape(steps, global_batch))
         batch_buckets.append(np.full(steps, bucket))
     if not batches or sum(len(b) for b in batches) == 0:
-        raise ValueError(f"The training split has {len(buckets)} examples, fewer than one global batch "
-                         f"({global_batch}) per bucket.")
+        raise errors.ConfigError(f"The training split has {len(buckets)} examples, fewer than one global batch "
+                                 f"({global_batch}) per bucket.")
     batch_order = rng.permutation(sum(len(b) for b in batches))
     return np.concatenate(batch_buckets)[batch_order], np.concatenate(batches)[batch_order].astype(np.int64)
 
@@ -178,7 +179,7 @@ def train_dataset(data_config: ml_collections.ConfigDict, *, global_batch: int, 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch % process_count:
-        raise ValueError(f"The global batch {global_batch} is not divisible by {process_count} hosts.")
+        raise errors.ConfigError(f"The global batch {global_batch} is not divisible by {process_count} hosts.")
     batch = global_batch // process_count
     split = open_split(data_config, data_config.train_split)
     buckets = buckets_of(split, data_config)

@@ -20,10 +20,11 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from atss_jax import errors
 from atss_jax.data import coco, transforms
 
 
-class ImageSizesError(FileNotFoundError):
+class ImageSizesError(errors.Refusal, FileNotFoundError):
     """The image sizes (or box counts) of a split were not recorded, or cannot be read."""
 
 
@@ -92,7 +93,7 @@ class Split:
             worst = int(over[np.argmax(counts[over])])
             example = self.read(tf.constant(worst, tf.int64))
             filename = example["image/filename"].numpy().decode() if "image/filename" in example else "?"
-            raise ValueError(
+            raise errors.ConfigError(
                 f"Split {self.name!r} of {self.builder.info.full_name!r}: image {filename} (id "
                 f"{int(example['image/id'])}) has {int(counts[worst])} boxes (training targets: not crowd, not "
                 f"empty), more than config.data.max_boxes={max_boxes}; {over.size} of {self.num_examples} images "

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from atss_jax import safe_pickle
+from atss_jax import errors, safe_pickle
 from atss_jax.models.layers import FrozenBatchNorm
 from atss_jax.models.torchvision_import import fill_backbone
 
@@ -53,8 +53,8 @@ def load_blobs(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     data = safe_pickle.load(path)
     blobs = data.get("blobs", data) if isinstance(data, Mapping) else None
     if not isinstance(blobs, Mapping) or "conv1_w" not in blobs:
-        raise ValueError(f"{str(path)!r} is not a Detectron Caffe2 ResNet pickle: expected a dict of blobs (under "
-                         "'blobs' or at the top) with a 'conv1_w'")
+        raise errors.WeightsFileError(f"{str(path)!r} is not a Detectron Caffe2 ResNet pickle: expected a dict of "
+                                      "blobs (under 'blobs' or at the top) with a 'conv1_w'")
     return {str(name): np.asarray(value) for name, value in blobs.items()}
 
 

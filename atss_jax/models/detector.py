@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from atss_jax import errors
 from atss_jax.models import layers
 from atss_jax.models.fpn import FPN
 from atss_jax.models.head import ATSSHead
@@ -116,14 +117,15 @@ def build_detector(config: ml_collections.ConfigDict, anchors_per_location: int,
         hold three numbers (``pixel_std`` positive).
     """
     if config.input_channels not in INPUT_CHANNELS:
-        raise ValueError(f"config.model.input_channels={config.input_channels!r} is not one of {INPUT_CHANNELS}.")
+        raise errors.ConfigError(
+            f"config.model.input_channels={config.input_channels!r} is not one of {INPUT_CHANNELS}.")
     for name in ("pixel_mean", "pixel_std"):
         value = config[name]
         if len(value) != 3:
-            raise ValueError(f"config.model.{name}={tuple(value)} must hold one number per channel (3), in "
-                             f"config.model.input_channels={config.input_channels!r} order.")
+            raise errors.ConfigError(f"config.model.{name}={tuple(value)} must hold one number per channel (3), in "
+                                     f"config.model.input_channels={config.input_channels!r} order.")
     if min(config.pixel_std) <= 0:
-        raise ValueError(f"config.model.pixel_std={tuple(config.pixel_std)} must be positive.")
+        raise errors.ConfigError(f"config.model.pixel_std={tuple(config.pixel_std)} must be positive.")
     dtype = jnp.dtype(config.dtype)
     return ATSSDetector(
         backbone=build_backbone(config.backbone, dtype, axis_name),

@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from atss_jax import errors
 from atss_jax.models.layers import FrozenBatchNorm
 from atss_jax.models.state_dict_import import (
     NORM_FIELDS,
@@ -113,7 +114,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: ml_collecti
     deformable = frozenset(path[2:-2] for path in traverse_util.flatten_dict(abstract) if path[-2] == "conv_offset")
     checkpoint_dcn = any(key.endswith(".offset.weight") for key in state_dict)
     if checkpoint_dcn != bool(deformable):
-        raise ValueError(
+        raise errors.WeightsFileError(
             "The checkpoint has deformable convolutions (DFConv2d) but the config none: use the model's dcnv2 "
             "config (e.g. configs/atss_r50_dcnv2_fpn_1x_coco.py:official)." if checkpoint_dcn else
             "The config has deformable convolutions but the checkpoint none: use the model's config without dcnv2 "

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from atss_jax import errors
 from atss_jax.anchors import anchors_per_location
 from atss_jax.models import torchvision_import
 from atss_jax.models.detector import abstract_variables, build_detector
@@ -85,7 +86,7 @@ def load_checkpoint(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     """
     file = epath.Path(path)
     if not file.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise errors.MissingFileError(f"checkpoint {str(path)!r} does not exist")
     if str(path).endswith(".npz"):
         return torchvision_import.load_state_dict(path)
     import torch
@@ -96,7 +97,7 @@ def load_checkpoint(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     arrays = {str(k): v.detach().cpu().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)} \
         if isinstance(state, Mapping) else {}
     if not arrays:
-        raise ValueError(f"{str(path)!r} holds no tensors under 'state_dict', 'model' or at its top level")
+        raise errors.WeightsFileError(f"{str(path)!r} holds no tensors under 'state_dict', 'model' or at its top level")
     return arrays
 
 
@@ -147,8 +148,8 @@ def fill_variables(
     problems += [f"unused {key}" for key in unused]
     if problems:
         shown = "; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ValueError(f"The {what} checkpoint does not match the model of this config ({len(problems)} "
-                         f"problems): {shown}")
+        raise errors.WeightsFileError(f"The {what} checkpoint does not match the model of this config ({len(problems)} "
+                                      f"problems): {shown}")
     return filled
 
 

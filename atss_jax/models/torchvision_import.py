@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from atss_jax import errors
+
 _BLOCK = re.compile(r"^layer(\d)\.(\d+)\.(.+)$")
 _BN_FIELDS = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 
@@ -35,22 +37,23 @@ def load_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     file = epath.Path(path)
     path = str(path)
     if not file.exists():
-        raise FileNotFoundError(f"pretrained backbone file {path!r} does not exist")
+        raise errors.MissingFileError(f"pretrained backbone file {path!r} does not exist")
     # Imported here: caffe2_import builds on this module's fill_backbone.
     from atss_jax.models import caffe2_import
 
     if caffe2_import.is_caffe2_file(path):
-        raise ValueError(f"{path!r} is a Detectron Caffe2 pickle, not a torchvision state_dict: it needs no "
-                         "conversion, set it as config.model.backbone.pretrained")
+        raise errors.WeightsFileError(f"{path!r} is a Detectron Caffe2 pickle, not a torchvision state_dict: it "
+                                      "needs no conversion, set it as config.model.backbone.pretrained")
     data = io.BytesIO(file.read_bytes())
     if path.endswith(".npz"):
         try:
             with np.load(data, allow_pickle=False) as archive:  # object arrays would unpickle code
                 return {key: archive[key] for key in archive.files}
         except (OSError, ValueError, zipfile.BadZipFile) as error:
-            raise ValueError(f"{path!r} is not a readable .npz state_dict: {error}") from error
+            raise errors.WeightsFileError(f"{path!r} is not a readable .npz state_dict: {error}") from error
     if importlib.util.find_spec("torch") is None:
-        raise ImportError(f"reading {path!r} needs torch; convert it once with scripts/convert_torchvision.py to .npz")
+        raise errors.MissingPackageError(
+            f"reading {path!r} needs torch; convert it once with scripts/convert_torchvision.py to .npz")
     state = torch_load_weights(data, path)
     state = state.get("state_dict", state)
     return {key: value.detach().cpu().numpy() for key, value in state.items() if hasattr(value, "numpy")}
@@ -65,8 +68,8 @@ def torch_load_weights(data: Any, path: str) -> Any:
     """``torch.load(data, weights_only=True)``: tensors and plain containers only, nothing from the file runs.
 
     Raises:
-      ValueError: one line naming ``path`` and torch's reason (e.g. the global the file asks to run), without
-        torch's advice or its traceback.
+      errors.WeightsFileError: one line naming ``path`` and torch's reason (e.g. the global the file asks to
+        run), without torch's advice or its traceback.
     """
     import torch
 
@@ -75,8 +78,9 @@ def torch_load_weights(data: Any, path: str) -> Any:
     except Exception as error:  # torch raises many types for a truncated, foreign or code-carrying file
         paragraphs = [p.strip() for p in str(error).split("\n\n") if p.strip()]
         reason = " ".join(p for p in paragraphs if not any(word in p for word in _TORCH_ADVICE))
-        raise ValueError(f"{path!r} was refused and nothing from it was run: {reason or type(error).__name__} "
-                         "(a weights file holds tensors and plain containers only).") from None
+        raise errors.WeightsFileError(
+            f"{path!r} was refused and nothing from it was run: {reason or type(error).__name__} (a weights file "
+            "holds tensors and plain containers only).") from None
 
 
 def _module_path(torch_module: str) -> tuple[str, ...]:
@@ -183,7 +187,8 @@ def fill_backbone(
             else:
                 problems.append(f"missing {source_of(path) if source_of else collection + '/' + '/'.join(path)}")
     if problems:
-        raise ValueError("pretrained backbone does not match the model: " + "; ".join(sorted(set(problems))[:20]))
+        raise errors.WeightsFileError(
+            "pretrained backbone does not match the model: " + "; ".join(sorted(set(problems))[:20]))
     return new
 
 
