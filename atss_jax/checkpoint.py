@@ -24,6 +24,10 @@ class CheckpointError(errors.Refusal, RuntimeError):
     """A checkpoint or export is missing, corrupt, or does not fit the model."""
 
 
+class CheckpointSaveError(errors.Refusal, OSError):
+    """Writing a checkpoint failed (a full disk, a bucket out of reach); the checkpoints saved before are kept."""
+
+
 def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
     return epath.Path(workdir) / CHECKPOINT_DIR
 
@@ -91,21 +95,39 @@ class TrainCheckpoints:
         return self.sigterm.requested
 
     def save(self, step: int, state: Any) -> None:
-        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        """Starts saving `state` in the background. Raises CheckpointSaveError if the previous save failed
+        (Orbax reports a failed background save at the next save or wait)."""
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        except Exception as error:
+            raise self._save_failed(error) from error
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the background saves; raises CheckpointSaveError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise self._save_failed(error) from error
+
+    def _save_failed(self, error: Exception) -> CheckpointSaveError:
+        # The end of Orbax's message holds the operating system's reason ("No space left on device").
+        lines = str(error).strip().splitlines()
+        reason = lines[0] if lines else type(error).__name__
+        reason = reason if len(reason) <= 200 else "..." + reason[-200:]
+        return CheckpointSaveError(f"Writing a checkpoint into {self.directory} failed: {reason}. Its partial files "
+                                   "are removed; free space (or restore access to the bucket) and run again.")
 
     def finish_or_clean(self) -> None:
-        """After a failure: lets pending saves finish (they hold states that passed the checks), or, if they
-        cannot, removes their temporary directories, so that the workdir resumes from its last complete step."""
+        """After a failure: lets pending saves finish (they hold states that passed the checks), then removes the
+        temporary directories of saves that failed, whenever Orbax reported them (at a save, a wait or now), so
+        that the workdir resumes from its last complete step."""
         try:
             self.wait()
-        except Exception as error:  # the failure may be the save itself (disk full, bucket unreachable)
-            logging.error("A pending checkpoint save failed (%s); removing its temporary files.", _brief(error))
-            if jax.process_index() == 0:
-                for path in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                    path.rmtree()
+        except CheckpointSaveError as error:
+            logging.error("%s", error)
+        if jax.process_index() == 0:
+            for path in self.directory.glob("*.orbax-checkpoint-tmp*"):  # a finished save has renamed its own
+                path.rmtree()
         self.manager.reload()
 
     def remove_from(self, step: int) -> list[int]:
@@ -119,18 +141,18 @@ class TrainCheckpoints:
 def latest_readable(directory: epath.Path, steps: list[int], restore: Callable[[int], Any]) -> tuple[int, Any]:
     """(step, restore(step)) of the first of `steps` (newest first) that `restore` reads without a
     CheckpointError; one warning per unreadable one. When none can be read, the newest one's error."""
-    errors = []
+    failures = []
     for step in steps:
         try:
             restored = restore(step)
         except CheckpointError as error:
-            errors.append(error)
+            failures.append(error)
             continue
-        for bad, error in zip(steps, errors):
+        for bad, error in zip(steps, failures):
             logging.warning("Checkpoint %s is unreadable (%s); falling back to the previous checkpoint, step %d.",
                             directory / str(bad), _brief(error.__cause__), step)
         return step, restored
-    raise errors[0]
+    raise failures[0]
 
 
 def _brief(error: BaseException) -> str:

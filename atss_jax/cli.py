@@ -15,6 +15,8 @@ its own line, then the traceback for a bug report.
 
 from __future__ import annotations
 
+import gc
+import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -33,10 +35,24 @@ def _line(error: BaseException) -> str:
     return " ".join(" ".join(str(part).split()) for part in (error, *getattr(error, "__notes__", ())))
 
 
+def _release(error: BaseException) -> str:
+    """The error's formatted traceback; then the frames it holds are cleared and collected, so that what they
+    kept open (a TensorFlow input iterator, a checkpoint manager) closes now rather than at interpreter exit,
+    where TensorFlow would print its own warnings after the command's last line."""
+    formatted = "".join(traceback.format_exception(error))
+    traceback.clear_frames(error.__traceback__)
+    gc.collect()
+    return formatted
+
+
 def _refuse(name: str, message: str, exit_code: int, error: BaseException | None = None) -> None:
+    formatted = _release(error) if error is not None else ""
     print(f"{name}: {message}", file=sys.stderr, flush=True)
-    if error is not None and flags.FLAGS.is_parsed() and _VERBOSE.value:
-        traceback.print_exception(error, file=sys.stderr)
+    if formatted and flags.FLAGS.is_parsed() and _VERBOSE.value:
+        print(formatted, file=sys.stderr, end="", flush=True)
+    # A failed checkpoint write leaves Orbax's futures holding the same error; asyncio would log each of them at
+    # exit ("exception was never retrieved"), burying the line above.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.exit(exit_code)
 
 
@@ -109,8 +125,8 @@ def run(main: Callable[[list[str]], int | None], name: str, argv: list[str] | No
             _refuse(name, _line(error), USAGE_EXIT_CODE, error)
         except Exception as error:  # a bug: the cause first, on its own, then the traceback for a bug report
             cause = "\n".join([f"{type(error).__name__}: {error}", *getattr(error, "__notes__", ())])
-            print(f"{cause}\n\nTraceback (for a bug report):", file=sys.stderr, flush=True)
-            traceback.print_exception(error, file=sys.stderr)
+            formatted = _release(error)
+            print(f"{cause}\n\nTraceback (for a bug report):\n{formatted}", file=sys.stderr, end="", flush=True)
             sys.exit(1)
 
     app.run(guarded, argv=argv, flags_parser=_parse_flags(name))

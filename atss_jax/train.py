@@ -77,6 +77,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str | epath.Path, tr
         return evaluator.write_result(evaluate.run(variables, evaluator.step_dir(workdir, step)), workdir, step, writer)
 
     def is_eval_step(step: int) -> bool:
+        if config.train.eval_every < 0:  # never: the checkpoints are evaluated apart (--mode=eval)
+            return False
         return bool(config.train.eval_every and step % config.train.eval_every == 0) or step == num_steps
 
     def finish(result: dict | None) -> dict | None:
@@ -88,7 +90,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str | epath.Path, tr
     start_step, num_steps = int(state.step), config.train.num_steps
     print(f"Training steps {start_step + 1}..{num_steps} in {workdir}.", flush=True)
     if start_step >= num_steps:  # a finished run (or one preempted in its final evaluation): evaluate it again
-        return finish(evaluate_and_write(state, start_step))
+        return finish(evaluate_and_write(state, start_step) if is_eval_step(start_step) else None)
     if start_step == 0:
         hparams = traverse_util.flatten_dict(config.to_dict(), sep=".")
         writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()})

@@ -181,7 +181,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.global_batch = 16  # over all devices of all hosts
     config.train.num_steps = 90_000  # 1x schedule at batch 16 (about 12 COCO epochs)
     config.train.log_every = 50
-    config.train.eval_every = 0  # 0: evaluate at the end only
+    config.train.eval_every = 0  # 0: evaluate at the end only; -1: never (evaluate apart with --mode=eval)
     config.train.checkpoint_every = 2_000
     config.train.max_checkpoints_to_keep = 3
     # Divergence: training stops (and no checkpoint of the diverged steps is kept) when the mean loss of the steps

@@ -18,6 +18,7 @@ def _loss_curve(data_dir, workdir, dtype):
     config.train.num_steps = STEPS
     config.train.checkpoint_every = STEPS
     config.optimizer.warmup_steps = 10
+    config.train.eval_every = -1  # the loss curve is what is compared
     train.train_and_evaluate(config, str(workdir))
     losses = _scalars(str(workdir), "loss")
     return np.array([losses[s] for s in range(1, STEPS + 1)]), _final_state(config, str(workdir))

@@ -4,6 +4,8 @@ devices their layout gives them, and take the first step of the shared 1-device 
 per-node SLURM layout is the shared 2-host training (``tiny_trainings``); the layout rules themselves are
 tests/test_cluster.py's."""
 
+import json
+
 import pytest
 
 from tests.support import launch
@@ -40,12 +42,16 @@ def _indexed_kubernetes_job(rank: int, port: int) -> dict[str, str]:
 def test_launcher_layout_takes_the_first_step_of_one_process(tiny_trainings, tmp_path, environment, launcher, devices):
     data_dir, trainings = tiny_trainings
     port = launch.free_port()
-    command = launch.tiny_training_command(str(tmp_path), data_dir, "--distributed=on", "--config.train.num_steps=1")
+    command = launch.tiny_training_command(str(tmp_path), data_dir, "--distributed=on", "--config.train.num_steps=1",
+                                           "--config.train.eval_every=-1")
     outputs = launch.run_processes([command] * 2, [{**launch.clean_environment(1), **environment(rank, port)}
                                                    for rank in range(2)])
     for rank, (_, stderr) in enumerate(outputs):
         assert f"Joined a 2-process job as process {rank} ({launcher}); GPUs driven: {devices[rank]}." in stderr
         assert f"2 devices in all; process {rank} of 2" in stderr
+    # config.train.eval_every=-1: trained and saved, never evaluated (that is --mode=eval's job).
+    assert json.loads((tmp_path / "finished.json").read_text()) == {"step": 1, "metrics": None}
+    assert not (tmp_path / "eval").exists()
     config = _config(data_dir)
     config.train.num_steps = 1
     assert_same_training([trainings[1], str(tmp_path)], config)

@@ -1,9 +1,10 @@
-"""Faults while running (issue 19): each leaves a clear message, the right exit code, and a workdir that resumes
+"""Faults while running: each leaves a clear message, the right exit code, and a workdir that resumes
 to what an uninterrupted run of the tiny config gives (``tiny_trainings``), or keeps and names its last good
 checkpoint."""
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -96,8 +97,7 @@ def test_sigterm_in_eval_mode_stops_before_scoring_and_the_rerun_scores_once(tin
 # of step 2 may still be pending.
 FAULT_SCRIPT = """
 import sys
-from absl import app
-from atss_jax import main, train
+from atss_jax import cli, main, train
 
 real_dataset = train.pipeline.train_dataset
 
@@ -115,7 +115,7 @@ class Faulty:
 
 train.pipeline.train_dataset = lambda *args, **kwargs: Faulty(real_dataset(*args, **kwargs))
 sys.argv = ["atss_jax.main", *sys.argv[1:]]
-app.run(main.main)
+cli.run(main.main, "atss_jax.main")
 """
 
 
@@ -138,12 +138,60 @@ def test_exception_mid_loop_is_reported_first_and_the_workdir_resumes_to_the_uni
     _assert_same_state(workdir, workdirs[1], _config(data_dir))
 
 
+def _mount_tmpfs(directory, size):
+    """Mounts a tmpfs of `size` at `directory`; False where this machine does not allow it (not root)."""
+    os.makedirs(directory)
+    try:
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", directory],
+                              capture_output=True, timeout=hangs.SERVER_S).returncode == 0
+    except OSError:
+        return False
+
+
+def _files_of_one_megabyte():
+    """In the child: files stop growing at 1 MB (writes fail as on a full disk; SIGXFSZ ignored)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+
+
+def test_a_full_disk_stops_in_one_line_leaves_no_partial_checkpoint_and_the_rerun_resumes(synthetic_data_config,
+                                                                                          tmp_path):
+    # A workdir on a 9 MB tmpfs: the first checkpoint (about 6 MB) fits, the second does not. Where mounting is
+    # not allowed, every file stops at 1 MB instead, so that the first checkpoint fails.
+    disk = str(tmp_path / "disk")
+    on_tmpfs = _mount_tmpfs(disk, "9m")
+    workdir = os.path.join(disk, "w")
+    try:
+        command = [sys.executable, *_main_args(workdir, synthetic_data_config.data_dir,
+                                               "--config.train.checkpoint_every=1")]
+        full = subprocess.run(command, cwd=ROOT, env=launch.clean_environment(1), capture_output=True, text=True,
+                              timeout=hangs.SUBPROCESS_S, preexec_fn=None if on_tmpfs else _files_of_one_megabyte)
+        assert full.returncode == 1, full.stderr[-3000:]
+        last = full.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"atss_jax.main: Writing a checkpoint into {workdir}/checkpoints failed: "), last
+        newest = f"the newest checkpoint is {workdir}/checkpoints/1" if on_tmpfs else "no checkpoint was saved"
+        assert "Its partial files are removed" in last and f"Training stopped by this error; {newest}" in last
+        assert not [name for name in _checkpoints(workdir) if "tmp" in name]
+        assert _checkpoints(workdir) == (["1"] if on_tmpfs else [])
+        if on_tmpfs:  # space freed
+            subprocess.run(["mount", "-o", "remount,size=256m", disk], check=True, timeout=hangs.SERVER_S)
+        rerun = subprocess.run(command, cwd=ROOT, env=launch.clean_environment(1), capture_output=True, text=True,
+                               timeout=hangs.SUBPROCESS_S)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert ("Training steps 2..3" if on_tmpfs else "Training steps 1..3") in rerun.stdout
+        assert _checkpoints(workdir) == ["1", "2", "3"]
+    finally:
+        if on_tmpfs:
+            subprocess.run(["umount", disk], timeout=hangs.SERVER_S)
+
+
 def test_divergence_keeps_the_last_good_checkpoint_and_a_lower_rate_resumes_from_it(synthetic_data_config,
                                                                                    tmp_path, capsys):
     config = _config(synthetic_data_config.data_dir)
     # A tiny first step (good), then a huge rate: step 2's update explodes, seen in step 3's loss.
     config.optimizer.warmup_factor = 1e-7
     config.optimizer.base_lr = 1e5
+    config.train.eval_every = -1  # what is checked is the training and its checkpoints
     workdir = str(tmp_path)
     with pytest.raises(FloatingPointError) as error:
         train.train_and_evaluate(config, workdir)
