@@ -221,7 +221,15 @@ def test_changed_annotations_or_image_folder_are_detected(tmp_path):
             stale_use()
         assert path in str(error.value) and f"Delete {builder.data_path}" in str(error.value)
 
-    _write_json(folder, images, [annotation])  # back as prepared; then a new file in the image folder
+    _write_json(folder, images, [annotation])  # back as prepared (rewritten: checked by content, not time)
+    datasets.prepare(config)
+    # An image replaced under its own name (other pixels, a later time): refused at start-up, naming it.
+    tf.io.write_file(os.path.join(folder, "a.jpg"), _jpeg(DISPLAYED[::-1]))
+    later = os.stat(os.path.join(folder, "a.jpg")).st_mtime + 5
+    os.utime(os.path.join(folder, "a.jpg"), (later, later))
+    with pytest.raises(coco_format.StaleDatasetError, match=r"1 image file\(s\) in .* a\.jpg"):
+        datasets.get_builder(config)
+    # A new file in the image folder.
     tf.io.write_file(os.path.join(folder, "b.jpg"), _jpeg(DISPLAYED))
     with pytest.raises(coco_format.StaleDatasetError, match=f"image folder {folder}"):
         datasets.prepare(config)

@@ -15,8 +15,9 @@ Preparing checks the data before the user trains on it: malformed JSON (ids that
 duplicate category names, ...) is an `AnnotationError` before any image is read; every image is then decoded
 (a thread pool) and turned upright by its EXIF orientation, and images that cannot be decoded or whose size
 differs from their JSON entry are a `BadImagesError` listing each file. A fingerprint of each split's annotation
-JSON and image folder is recorded (`SOURCE_FILE`): preparing again, training or evaluating after they changed
-is a `StaleDatasetError`.
+JSON and image folder (its file names and, when local, each file's size and modification time) is recorded
+(`SOURCE_FILE`): preparing again, training or evaluating after they changed is a `StaleDatasetError` naming
+what changed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from etils import epath
 
 from atss_jax import errors
 from atss_jax.data import transforms
-from atss_jax.data.coco import ANNOTATIONS_FILE, CATEGORY_IDS_KEY, FILE_FORMAT, prepare_builder, write_whole
+from atss_jax.data.coco import ANNOTATIONS_FILE, CATEGORY_IDS_KEY, FILE_FORMAT, is_local, prepare_builder, write_whole
 
 
 class AnnotationError(errors.Refusal, ValueError):
@@ -358,13 +359,22 @@ def apply_exif_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(pixels[:, ::-1] if mirror else pixels, turns))
 
 
-def source_fingerprint(annotations: str, images: str) -> dict[str, str]:
-    """What a split is built from: the annotation JSON's sha256 and the sha256 of the image folder's file
-    names (a file replaced under the same name is not seen; renamed, added or removed files are)."""
-    names = _listing(epath.Path(images)) if images else []
+def source_fingerprint(annotations: str, images: str) -> dict:
+    """What a split is built from: the annotation JSON's sha256, the sha256 of the image folder's file names
+    (renamed, added or removed files), and, for a local folder, each file's size and modification time (a file
+    replaced under the same name). A folder in a bucket has no per-file record: a stat per object would cost a
+    request each, at every start."""
+    image_dir = epath.Path(images) if images else None
+    names = _listing(image_dir) if image_dir else []
+    stats = {}
+    if image_dir and is_local(images):
+        annotation_file = epath.Path(annotations)
+        stats = {name: [(stat := (image_dir / name).stat()).length, stat.mtime] for name in names
+                 if image_dir / name != annotation_file}  # a JSON kept beside its images is checked by content
     return {"annotations": annotations,
             "annotations_sha256": hashlib.sha256(epath.Path(annotations).read_bytes()).hexdigest(),
-            "images": images, "image_files_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+            "images": images, "image_files_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+            "image_files": stats}
 
 
 def recorded_source(data_path: epath.Path, split: str) -> dict | None:
@@ -393,6 +403,12 @@ def check_source(data_path: epath.Path, annotations: Mapping[str, str], images: 
             changed.append(f"the annotation file {annotation_path}")
         if image_dir and epath.Path(image_dir).is_dir() and now["image_files_sha256"] != recorded["image_files_sha256"]:
             changed.append(f"the file names in the image folder {image_dir}")
+        elif recorded.get("image_files") and now["image_files"]:
+            replaced = sorted(name for name, stat in recorded["image_files"].items()
+                              if now["image_files"].get(name, stat) != stat)
+            if replaced:
+                shown = ", ".join(replaced[:5]) + (f" and {len(replaced) - 5} more" if len(replaced) > 5 else "")
+                changed.append(f"{len(replaced)} image file(s) in {image_dir} (size or modification time: {shown})")
         if changed:
             raise StaleDatasetError(
                 f"Split {split!r} of the dataset prepared in {data_path} is stale: {' and '.join(changed)} changed "
