@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.machinery
 import sys
 import types
 from typing import Any
@@ -108,6 +109,8 @@ def import_mmdet() -> types.ModuleType:
     if "mmcv._ext" not in sys.modules:
         extension = _StandInExtension("mmcv._ext")
         extension.nms = _greedy_nms
+        # A spec without a loader: mmengine's Runner then sees mmcv-lite (no compiled ops), as it is.
+        extension.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", None)
         sys.modules["mmcv._ext"] = extension
     with _reported_mmcv_version("2.1.0"):
         mmdet = importlib.import_module("mmdet")

@@ -80,6 +80,85 @@ def test_import_then_evaluate(synthetic_data_config, tmp_path):
     assert (checkpoint.checkpoint_dir(workdir) / "0").exists()
 
 
+# Two iterations of mmdetection 3.3's own training loop (mmengine's Runner, its CheckpointHook) on the tiny
+# model: the checkpoint it writes holds, beside the state_dict, the optimizer state, the config text and the
+# message hub's HistoryBuffers and numpy values.
+RUNNER_SCRIPT = """
+import sys
+
+import torch
+from mmengine.dataset import pseudo_collate
+from mmengine.runner import Runner
+from mmengine.structures import InstanceData
+
+from scripts import mmdet_peer
+from tests.test_import_checkpoint import tiny_mmdet_model
+
+mmdet_peer.import_mmdet()
+from mmdet.structures import DetDataSample
+
+torch.manual_seed(0)
+
+
+def sample(index):
+    data_sample = DetDataSample(metainfo=dict(img_shape=(64, 96), ori_shape=(64, 96), pad_shape=(64, 96),
+                                              scale_factor=(1.0, 1.0), img_id=index))
+    data_sample.gt_instances = InstanceData(bboxes=torch.tensor([[10.0, 12.0, 40.0, 50.0], [50.0, 5.0, 90.0, 30.0]]),
+                                            labels=torch.tensor([1, 3]))
+    return dict(inputs=torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8), data_samples=data_sample)
+
+
+loader = torch.utils.data.DataLoader([sample(i) for i in range(4)], batch_size=2, collate_fn=pseudo_collate)
+runner = Runner(model=tiny_mmdet_model().train(), work_dir=sys.argv[1], train_dataloader=loader,
+                train_cfg=dict(by_epoch=False, max_iters=2), default_scope="mmdet",
+                optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.001, momentum=0.9, weight_decay=1e-4)),
+                default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=2, by_epoch=False)))
+runner.train()
+"""
+
+# Reads a checkpoint the way the importer does, in a fresh interpreter: prints whether mmengine got imported
+# (it must not: its classes are never looked up) and the type of a message-hub value.
+LOAD_SCRIPT = """
+import sys
+
+from atss_jax.models.torchvision_import import torch_load_weights
+
+checkpoint = torch_load_weights(sys.argv[1], sys.argv[1])
+history = next(iter(checkpoint["message_hub"]["log_scalars"].values()))
+print("mmengine" in sys.modules, type(history).__name__, len(checkpoint["state_dict"]))
+"""
+
+
+@pytest.mark.e2e
+def test_a_checkpoint_of_mmdetection_3s_training_loop_imports_its_weights_alone(synthetic_data_config, tmp_path):
+    trained = subprocess.run([sys.executable, "-c", RUNNER_SCRIPT, str(tmp_path / "mmdet_run")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=hangs.SUBPROCESS_S)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    source = tmp_path / "mmdet_run" / "iter_2.pth"
+    written = torch.load(source, weights_only=False)  # this test's own file: trusted here, to read the truth
+    assert {"meta", "state_dict", "message_hub", "optimizer"} <= set(written)
+    loaded = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(source)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=hangs.SUBPROCESS_S)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.split() == ["False", "InertObject", str(len(written["state_dict"]))]
+    config_file = tmp_path / "tiny_mmdet.py"
+    config_file.write_text(CONFIG_FILE.format(data_dir=synthetic_data_config.data_dir))
+    workdir = tmp_path / "workdir"
+    imported = subprocess.run([sys.executable, "-m", "scripts.import_checkpoint", str(source), str(workdir),
+                               "--format=mmdet", f"--config={config_file}"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=hangs.SUBPROCESS_S)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    # The workdir holds the weights mmdetection's loop trained, exactly.
+    config = workdirs.read_config(workdir)
+    expected = mmdet_import.convert_state_dict({k: v.numpy() for k, v in written["state_dict"].items()}, config)
+    from atss_jax.init_from import source_variables
+
+    restored = source_variables(str(workdir))
+    for collection in expected:
+        for name, value in _leaves(expected[collection]):
+            np.testing.assert_array_equal(_get(restored[collection], name), value, err_msg="/".join(name))
+
+
 @pytest.mark.e2e
 def test_refuses_a_checkpoint_that_would_run_code(tmp_path):
     marker = tmp_path / "ran"

@@ -64,8 +64,38 @@ def load_state_dict(path: str | epath.PathLike) -> dict[str, np.ndarray]:
 _TORCH_ADVICE = ("weights_only", "torch.load", "safe_globals")
 
 
+class InertObject:
+    """Stands in for an object of a checkpoint's training metadata (mmengine's ``HistoryBuffer`` in its
+    ``message_hub``, numpy scalars in its ``meta``): built from any arguments, it keeps and runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        del args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        del state
+
+
+# Globals of the metadata that training loops save beside the weights (mmdetection 3 / mmengine: the message
+# hub's history buffers and numpy values, whose pickles also name builtins.getattr). They are read as
+# InertObject, never as what they name; any other global is refused.
+INERT_MODULES = ("mmengine.", "numpy.")
+INERT_NAMES = ("builtins.getattr",)
+
+
+def _metadata_globals(data: Any) -> list[str]:
+    """The globals of the checkpoint that torch's weights_only loader refuses and that are training metadata."""
+    import torch
+
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(data)
+    if hasattr(data, "seek"):
+        data.seek(0)
+    return [name for name in names if name.startswith(INERT_MODULES) or name in INERT_NAMES]
+
+
 def torch_load_weights(data: Any, path: str) -> Any:
     """``torch.load(data, weights_only=True)``: tensors and plain containers only, nothing from the file runs.
+    The training metadata of a checkpoint written by mmdetection 3's loop (``INERT_MODULES``) loads as
+    ``InertObject`` placeholders.
 
     Raises:
       errors.WeightsFileError: one line naming ``path`` and torch's reason (e.g. the global the file asks to
@@ -74,7 +104,9 @@ def torch_load_weights(data: Any, path: str) -> Any:
     import torch
 
     try:
-        return torch.load(data, map_location="cpu", weights_only=True)
+        inert = [(InertObject, name) for name in _metadata_globals(data)]
+        with torch.serialization.safe_globals(inert):
+            return torch.load(data, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a truncated, foreign or code-carrying file
         paragraphs = [p.strip() for p in str(error).split("\n\n") if p.strip()]
         reason = " ".join(p for p in paragraphs if not any(word in p for word in _TORCH_ADVICE))
