@@ -165,16 +165,19 @@ def build_anchor_grid(config: ml_collections.ConfigDict, canvas: Sequence[int]) 
                             tuple(config.aspect_ratios), config.center_offset)
 
 
-def anchor_valid_mask(centers: jax.Array | np.ndarray, image_size: jax.Array) -> jax.Array:
-    """Anchors whose centre lies inside the resized image (the canvas may be padded beyond it).
+def anchor_valid_mask(centers: jax.Array | np.ndarray, image_size: jax.Array, pad_divisor: int = 1) -> jax.Array:
+    """Anchors whose centre lies inside the resized image (the canvas may be padded beyond it), its size first
+    rounded up to a multiple of ``pad_divisor`` (32: the padded input mmdetection's and the official heads see).
 
     Args:
       centers: ``[A, 2]`` float32 (x, y) anchor centres.
       image_size: ``[..., 2]`` int32 (height, width) of the resized image inside the canvas.
+      pad_divisor: 1 for the image alone.
 
     Returns:
       ``[..., A]`` bool.
     """
     size = jnp.asarray(image_size, jnp.float32)[..., None, :]
+    size = jnp.ceil(size / pad_divisor) * pad_divisor
     centers = jnp.asarray(centers, jnp.float32)
     return (centers[:, 0] < size[..., 1]) & (centers[:, 1] < size[..., 0])

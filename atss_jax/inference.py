@@ -42,6 +42,7 @@ def eval_step(variables: dict, batch: dict[str, jax.Array], *, config: ml_collec
         pre_nms_topk=config.eval.pre_nms_topk, iou_threshold=config.eval.nms_iou_threshold,
         max_detections=config.eval.max_detections, score_rule=config.eval.score_rule)
     detections = jax.vmap(select)(jax.nn.sigmoid(class_logits), jax.nn.sigmoid(centerness_logits), decoded,
-                                  anchor_valid_mask(grid.centers, batch["image_size"]), batch["image_size"],
+                                  anchor_valid_mask(grid.centers, batch["image_size"], config.eval.anchor_pad_divisor),
+                                  batch["image_size"],
                                   batch["scale"])
     return detections._asdict()

@@ -15,6 +15,7 @@ the export stores). Lowered for several platforms at once, one file serves on an
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 from collections.abc import Sequence
 
@@ -29,6 +30,9 @@ from atss_jax.data.canvas import canvases
 from atss_jax.models.detector import abstract_variables, build_detector
 
 ARTIFACT_DIR = "serving"
+# What a caller installs to deserialise and run the artifact (jax.export reads the file with flatbuffers);
+# serving.json records their versions at export time.
+SERVING_DISTRIBUTIONS = ("jax", "jaxlib", "numpy", "ml_dtypes", "opt_einsum", "scipy", "flatbuffers")
 CONTRACT_FILE = "serving.json"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -66,6 +70,7 @@ def export_serving(export_dir: str, batch_sizes: Sequence[int] = (),
     max_detections = int(config.eval.max_detections)
     contract = {
         "format": "jax.export", "jax_version": jax.__version__, "platforms": list(platforms), "artifacts": files,
+        "requires": {name: importlib.metadata.version(name) for name in SERVING_DISTRIBUTIONS},
         "dimensions": "b: the batch (any size, or the artifact's 'batch'); H, W: the artifact's canvas",
         "call": "jax.export.deserialize(bytearray(file_bytes)).call(image, original_size) -> dict of outputs",
         "inputs": [
@@ -90,6 +95,9 @@ def export_serving(export_dir: str, batch_sizes: Sequence[int] = (),
                       "antialias=False), then +0.5 and truncation to uint8",
             "canvas_choice": "the first canvas whose orientation (landscape: W >= H) matches the image's"
                              if len(canvases(data)) > 1 else "the one canvas"},
+        "decoder": "RGB pixels as TensorFlow's tf.io.decode_image gives them (JPEG: libjpeg-turbo, its default "
+                   "DCT), as training and evaluation read images; other JPEG decoders (Pillow, OpenCV) differ by "
+                   "a few grey levels, which moves scores slightly",
         "category_ids": list(metadata["category_ids"]), "category_names": list(metadata["category_names"]),
     }
     (epath.Path(export_dir) / CONTRACT_FILE).write_text(json.dumps(contract, indent=1))

@@ -227,6 +227,11 @@ def get_config() -> ml_collections.ConfigDict:
     # sqrt(class_prob * centerness); "mmdetection" ranks by class_prob, scores class_prob * centerness and drops
     # boxes of zero width or height (its min_bbox_size=0).
     config.eval.score_rule = "official"
+    # Which anchors may detect: those whose centre lies inside the resized image rounded up to a multiple of this.
+    # 1: the image alone. 32: the image padded as mmdetection and the official code pad it (size divisor 32);
+    # their test-time heads keep every anchor of the padded input, so an image padded inside its batch gets
+    # detections from anchors in the padding too (their import configs and the official recipe set it).
+    config.eval.anchor_pad_divisor = 1
     config.eval.num_images_to_draw = 4
     config.eval.draw_score_threshold = 0.3
     # Test-time augmentation (atss_jax/tta.py), the official TEST.BBOX_AUG (defaults as its defaults.py, off).
@@ -299,6 +304,7 @@ def with_official_recipe(config: ml_collections.ConfigDict) -> ml_collections.Co
     config.model.pixel_mean = OFFICIAL_PIXEL_MEAN_BGR
     config.model.pixel_std = (1.0, 1.0, 1.0)
     config.model.backbone.stride_in_1x1 = config.model.backbone.groups == 1
+    config.eval.anchor_pad_divisor = 32  # its test-time head keeps the anchors of the padded input
     return config
 
 

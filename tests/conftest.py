@@ -9,25 +9,25 @@ import pytest
 from atss_jax import xla_flags
 from atss_jax.data import datasets
 from configs import demo
-from tests.support import accelerator_check, fast_compile, launch
+from tests.support import accelerator_check, cpu_flags, launch
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """XLA:CPU's fast-compile flags (tests/support/fast_compile.py), then a persistent XLA compilation cache in
+    """XLA:CPU's test flags (tests/support/cpu_flags.py), then a persistent XLA compilation cache in
     pytest's cache folder (.pytest_cache/d/xla_compilation_cache), shared by the xdist workers and by the
     subprocesses they start: trainings of the same program in and out of this process compile once per run, and
     a rerun reuses the programs whose code did not change (its key is the program, the flags and the jax
     version, so a stale entry is never used; `--cache-clear` empties it). Without pytest's cache
     (`-p no:cacheprovider`) every program compiles afresh."""
     assert not xla_flags.backend_started(), "JAX started before the test flags were set"
-    os.environ["XLA_FLAGS"] = fast_compile.with_fast_compile(os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = cpu_flags.with_test_flags(os.environ.get("XLA_FLAGS", ""))
     if not hasattr(config, "cache"):
         return
     directory = str(config.cache.mkdir("xla_compilation_cache"))
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1.0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 # Session set-ups too costly to repeat on every xdist worker: the tests that use one run on the same worker.

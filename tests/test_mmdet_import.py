@@ -14,7 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from atss_jax import boxes as box_lib  # noqa: E402
-from atss_jax import postprocess  # noqa: E402
+from atss_jax import inference, postprocess  # noqa: E402
 from atss_jax.anchors import anchor_valid_mask, anchors_per_location, build_anchor_grid  # noqa: E402
 from atss_jax.models import mmdet_import  # noqa: E402
 from atss_jax.models.detector import build_detector, full_image_sizes  # noqa: E402
@@ -154,6 +154,43 @@ def test_decoded_boxes_and_scores_before_nms_agree(peer_and_ours, outputs):
         for box, score, label in zip(final.bboxes.numpy(), final.scores.numpy(), final.labels.numpy()):
             match = (ours_classes == label) & (np.abs(ours_scores - score) < 1e-5)
             assert match.any() and np.abs(ours_boxes[match] - box).max(axis=1).min() < 1e-2, (box, score, label)
+
+
+def _matched(ours: dict, box: np.ndarray, score: float, label: int) -> bool:
+    """Whether one of our valid detections has mmdetection's class, score and box."""
+    valid = np.asarray(ours["valid"][0])
+    match = valid & (np.asarray(ours["classes"][0]) == label) & (np.abs(np.asarray(ours["scores"][0]) - score) < 1e-5)
+    return bool(match.any()) and np.abs(np.asarray(ours["boxes"][0])[match] - box).max(axis=1).min() < 1e-2
+
+
+def test_an_image_padded_to_32_detects_from_the_padding_as_mmdetection_does(peer_and_ours):
+    """mmdetection evaluates one image at a time, padded to a multiple of 32, and its head keeps every anchor of
+    that padded input. With the import config's eval.anchor_pad_divisor=32 our detections equal its detections;
+    with 1 (anchors whose centre lies in the image alone) some of its detections are missing."""
+    peer, config, model, variables, images = peer_and_ours
+    assert config.eval.anchor_pad_divisor == 32
+    size, padded = (250, 300), (256, 320)
+    image = images[0][:size[0], :size[1]]
+    bgr = torch.from_numpy(np.ascontiguousarray(image[..., ::-1].transpose(2, 0, 1)))
+    with torch.no_grad():
+        inputs = peer.data_preprocessor({"inputs": [bgr], "data_samples": None}, training=False)["inputs"]
+        assert tuple(inputs.shape[2:]) == padded
+        theirs = peer.bbox_head.predict_by_feat(*peer.bbox_head(peer.extract_feat(inputs)), batch_img_metas=[
+            {"img_shape": size, "scale_factor": (1.0, 1.0)}], rescale=False, with_nms=True)[0]
+    canvas = np.zeros((1, *padded, 3), np.uint8)
+    canvas[0, :size[0], :size[1]] = image
+    batch = {"image": jnp.asarray(canvas), "image_size": jnp.asarray([size], jnp.int32),
+             "scale": jnp.ones(1, jnp.float32)}
+    detections = {}
+    for divisor in (32, 1):
+        divided = config.copy_and_resolve_references()
+        divided.eval.anchor_pad_divisor = divisor
+        detections[divisor] = inference.eval_step(variables, batch, config=divided, model=model)
+    ours = detections[32]
+    assert int(np.asarray(ours["valid"][0]).sum()) == len(theirs.scores) == config.eval.max_detections
+    theirs_detections = list(zip(theirs.bboxes.numpy(), theirs.scores.numpy(), theirs.labels.numpy()))
+    assert all(_matched(ours, *detection) for detection in theirs_detections)
+    assert not all(_matched(detections[1], *detection) for detection in theirs_detections)
 
 
 def test_refuses_a_checkpoint_that_does_not_fit(peer_and_ours):

@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 from atss_jax.serving import Detector
 from scripts import predict
 from tests.reference_tta import official_merge
-from tests.support import fast_compile, hangs
+from tests.support import cpu_flags, hangs
 from tests.test_serving_artifact import random_images, tiny_export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +92,7 @@ def test_a_refusal_is_one_line_without_the_flag_usage(image_tree, arguments, mes
 def test_predict_command_line_streams_and_reports_a_bad_file(image_tree):
     tmp_path, _, images = image_tree
     export_dir = tiny_export(str(tmp_path / "export"))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": fast_compile.with_devices(4)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": cpu_flags.with_devices(4)}
     result = subprocess.run(
         [sys.executable, "-m", "scripts.predict", f"--export_dir={export_dir}", f"--out_dir={tmp_path / 'out'}",
          "--batch_per_device=1", str(tmp_path / "in" / "a"), str(tmp_path / "in" / "b" / "*.jpg")],

@@ -85,7 +85,11 @@ signature = {"in": [[str(a.dtype), [str(d) for d in a.shape]] for a in exported.
              "out": {k: [str(a.dtype), [str(d) for d in a.shape]]
                      for k, a in jax.tree.unflatten(exported.out_tree, exported.out_avals).items()}}
 np.savez(sys.argv[3], resized=np.stack(resized), **{k: np.asarray(v) for k, v in out.items()})
-print(json.dumps(signature))
+import sysconfig
+installed = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+loaded = sorted({name.split(".")[0] for name, module in list(sys.modules.items())
+                 if any(str(getattr(module, "__file__", None) or "").startswith(p) for p in installed)})
+print(json.dumps({**signature, "installed_modules": loaded}))
 """
 
 
@@ -115,6 +119,10 @@ def test_artifact_detects_as_the_detector_with_jax_alone(export_dir, tmp_path):
                                for spec in contract["inputs"]]
     assert signature["out"] == {spec["name"]: [spec["dtype"], [dims.get(d, str(d)) for d in spec["shape"]]]
                                 for spec in contract["outputs"]}
+    # The contract names what serving needs beyond jax, at the versions exported with: flatbuffers, which
+    # jax.export reads the file with (the snippet loaded it), among them.
+    assert "flatbuffers" in signature["installed_modules"] and "flatbuffers" in contract["requires"]
+    assert contract["requires"]["jax"] == jax.__version__ and contract["requires"]["jaxlib"] == jax.lib.__version__
     for i, want in enumerate(expected):
         n = int(out["num_detections"][i])
         assert n == len(want["scores"]) > 0

@@ -17,7 +17,7 @@ from atss_jax.data import pipeline, synthetic
 from atss_jax.models.detector import abstract_variables, build_detector
 from atss_jax.serving import Detector
 from configs import demo
-from tests.support import fast_compile, hangs
+from tests.support import cpu_flags, hangs
 
 pytestmark = pytest.mark.e2e  # README "Tests": the slow tier
 
@@ -32,7 +32,7 @@ def _config(data_dir):
 
 def _run_training(workdir, data_dir, devices, *overrides):
     """Trains the tiny config in a fresh process with `devices` simulated CPU devices."""
-    env = {**os.environ, "XLA_FLAGS": fast_compile.with_devices(devices)}
+    env = {**os.environ, "XLA_FLAGS": cpu_flags.with_devices(devices)}
     command = [sys.executable, "-m", "atss_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
                f"--config.data.data_dir={data_dir}", *overrides]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=hangs.SUBPROCESS_S)

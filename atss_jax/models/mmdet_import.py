@@ -56,6 +56,7 @@ def config_for_mmdet(config: ml_collections.ConfigDict) -> ml_collections.Config
     config.model.fpn_relu_before_p7 = False
     config.model.head.box_coder = "mmdetection"
     config.eval.score_rule = "mmdetection"
+    config.eval.anchor_pad_divisor = 32
     config.model.input_channels = "rgb"
     config.model.pixel_mean = (123.675, 116.28, 103.53)
     config.model.pixel_std = (58.395, 57.12, 57.375)

@@ -5,7 +5,7 @@ import socket
 import subprocess
 import sys
 
-from tests.support import fast_compile, hangs
+from tests.support import cpu_flags, hangs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Variables through which this machine's own environment could describe a job: removed from every process.
@@ -23,7 +23,7 @@ def free_port() -> int:
 def clean_environment(devices: int) -> dict[str, str]:
     """This machine's environment without job variables, with `devices` simulated CPU devices."""
     return {**{k: v for k, v in os.environ.items() if k not in JOB_VARIABLES},
-            "XLA_FLAGS": fast_compile.with_devices(devices)}
+            "XLA_FLAGS": cpu_flags.with_devices(devices)}
 
 
 def run_processes(arguments: list[list[str]], environments: list[dict[str, str]]) -> list[tuple[str, str]]:
