@@ -174,7 +174,7 @@ def test_default_variant_differs_only_in_the_recipe(yaml_name):
     assert plain["recipe"] == "mmdetection"
     recipe_fields = {("recipe",), ("optimizer", "bias_lr_factor"), ("optimizer", "bias_weight_decay_factor"),
                      ("optimizer", "warmup_method"), ("model", "input_channels"), ("model", "pixel_mean"),
-                     ("model", "pixel_std"), ("model", "backbone", "stride_in_1x1")}
+                     ("model", "pixel_std"), ("model", "backbone", "stride_in_1x1"), ("eval", "anchor_pad_divisor")}
 
     def leaves(tree, prefix=()):
         for key, value in tree.items():
@@ -185,6 +185,7 @@ def test_default_variant_differs_only_in_the_recipe(yaml_name):
     assert plain["optimizer"]["bias_lr_factor"] == plain["optimizer"]["bias_weight_decay_factor"] == 1
     assert plain["optimizer"]["warmup_method"] == "linear"
     assert plain["model"]["input_channels"] == "rgb" and not plain["model"]["backbone"]["stride_in_1x1"]
+    assert plain["eval"]["anchor_pad_divisor"] == 1 and official["eval"]["anchor_pad_divisor"] == 32
 
 
 def test_unknown_variant_is_an_error():
